@@ -9,9 +9,16 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+
+use crate::config::ResumeFrom;
+use crate::data::DataPosition;
+use crate::model::{ModelFiles, Qwen2};
+use crate::optim::AdamW;
 
 /// Model weights file name inside a checkpoint (HF's single-file layout).
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -30,9 +37,9 @@ pub struct TrainerState {
     pub epoch: f64,
     /// Planned optimiser updates for the whole run.
     pub max_steps: u64,
-    /// Data position: the epoch in progress and how many of its prompts were consumed.
-    pub data_epoch: u64,
-    pub data_index: u64,
+    /// Data position: the epoch in progress and how many of its examples were consumed.
+    #[serde(flatten)]
+    pub data: DataPosition,
     /// Every logged step's metrics, as in HF's `log_history`.
     pub log_history: Vec<serde_json::Value>,
     /// Prompt and completion tokens seen so far (TRL's `num_tokens`).
@@ -108,6 +115,119 @@ pub fn write_model(dir: &Path, model: &[(String, Tensor)], model_files: &[PathBu
     Ok(())
 }
 
+/// Set by the Ctrl-C handler; training loops save a checkpoint and stop at the end of the step.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes Ctrl-C request a clean stop (see [`stop_requested`]) instead of killing the process.
+pub fn stop_on_ctrl_c() {
+    ctrlc::set_handler(|| STOP_REQUESTED.store(true, Ordering::SeqCst)).ok();
+}
+
+/// Whether Ctrl-C was pressed since [`stop_on_ctrl_c`].
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Fails before any work when `output_dir` cannot be written.
+pub fn ensure_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "output_dir {} cannot be created: choose a writable folder",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(".grpo-write-test");
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "output_dir {} is not writable: choose a writable folder",
+            dir.display()
+        )
+    })?;
+    std::fs::remove_file(probe).ok();
+    Ok(())
+}
+
+/// The checkpoint `resume_from_checkpoint` points at, if any.
+pub fn resume_dir(resume: Option<&ResumeFrom>, output_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(match resume {
+        None => None,
+        Some(ResumeFrom::Latest) => Some(latest(output_dir)?),
+        Some(ResumeFrom::Path(path)) => Some(PathBuf::from(path)),
+    })
+}
+
+/// config.json, generation_config.json and the tokenizer files, copied into every checkpoint.
+pub fn model_side_files(files: &ModelFiles) -> Result<Vec<PathBuf>> {
+    let dir = files.weights[0]
+        .parent()
+        .context("weights file without a folder")?;
+    let mut paths: Vec<PathBuf> = ["config.json", "generation_config.json"]
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|p| p.is_file())
+        .collect();
+    let (tokenizer_json, tokenizer_config) = files.tokenizer_files()?;
+    paths.extend([tokenizer_json, tokenizer_config]);
+    Ok(paths)
+}
+
+/// The policy's weights as (HF name, tensor) pairs for saving.
+pub fn policy_tensors(policy: &Qwen2) -> Vec<(String, Tensor)> {
+    policy
+        .named_parameters()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Saves the policy, optimiser and trainer state as `checkpoint-<global_step>` (see [`save`]).
+pub fn save_training(
+    output_dir: &Path,
+    policy: &Qwen2,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    model_files: &[PathBuf],
+    save_total_limit: Option<usize>,
+) -> Result<PathBuf> {
+    let model = policy_tensors(policy);
+    let ckpt = Checkpoint {
+        model: &model,
+        optimizer: &optimizer.state()?,
+        state,
+        model_files,
+    };
+    save(output_dir, &ckpt, save_total_limit)
+}
+
+/// Restores weights, optimiser state and progress from a checkpoint, refusing one of another
+/// model shape.
+pub fn restore(dir: &Path, policy: &Qwen2, optimizer: &mut AdamW) -> Result<TrainerState> {
+    let (state, optimizer_state) = load_state(dir)?;
+    let weights_path = dir.join(MODEL_FILE);
+    let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", weights_path.display()))?;
+    for (name, var) in policy.named_parameters() {
+        let saved = weights.get(name).with_context(|| {
+            format!(
+                "checkpoint {} has no tensor {name}: it was saved from another model; point \
+                 resume_from_checkpoint at a checkpoint of this model_name_or_path",
+                dir.display()
+            )
+        })?;
+        ensure!(
+            saved.dims() == var.dims(),
+            "checkpoint {} holds {name} of shape {:?} but the model has {:?}: it was saved from \
+             another model",
+            dir.display(),
+            saved.dims(),
+            var.dims()
+        );
+        var.set(&saved.to_device(var.device())?)?;
+    }
+    optimizer.load_state(&optimizer_state)?;
+    Ok(state)
+}
+
 /// Reads a checkpoint's trainer state and optimiser tensors.
 pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let state_path = dir.join(STATE_FILE);
@@ -119,9 +239,8 @@ pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)>
     })?;
     let state: TrainerState = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a valid trainer state", state_path.display()))?;
-    let optimizer =
-        candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &candle_core::Device::Cpu)
-            .with_context(|| format!("cannot read the optimiser state in {}", dir.display()))?;
+    let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)
+        .with_context(|| format!("cannot read the optimiser state in {}", dir.display()))?;
     Ok((state, optimizer))
 }
 

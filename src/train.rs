@@ -16,16 +16,15 @@
 //! bit for bit as if it had never stopped.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, Checkpoint, TrainerState};
-use crate::config::{Config, ResumeFrom};
+use crate::checkpoint::{self, TrainerState};
+use crate::config::Config;
 use crate::data::{Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
 use crate::grpo::{
@@ -34,13 +33,10 @@ use crate::grpo::{
 };
 use crate::metrics::MetricsLog;
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
-use crate::optim::{self, AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
+use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
 use crate::prompt::{left_pad, ChatTokenizer, Prompter};
 use crate::rewards::{Completion, RewardSet};
 use crate::sampling::{self, GenerationSpec, SamplingParams, StopTokens};
-
-/// Set by the Ctrl-C handler; the loop saves a checkpoint and stops at the end of the step.
-static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// Runs `grpo train` with a validated config.
 pub fn train(cfg: &Config) -> Result<()> {
@@ -48,7 +44,7 @@ pub fn train(cfg: &Config) -> Result<()> {
     let runtime = Runtime::from_config(cfg)?;
     let device = runtime.device.clone();
     let output_dir = PathBuf::from(&cfg.output_dir);
-    ensure_writable(&output_dir)?;
+    checkpoint::ensure_writable(&output_dir)?;
     let files = ModelFiles::resolve(&cfg.model_name_or_path, &cfg.model_revision)?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
     let prompter = Prompter::new(
@@ -67,20 +63,10 @@ pub fn train(cfg: &Config) -> Result<()> {
     let rewards = RewardSet::from_config(cfg)?;
     let stop = StopTokens::resolve(&files, &tokenizer)?;
     let total_steps = total_optimizer_steps(cfg, dataset.len());
-    let schedule = LrSchedule {
-        kind: cfg.lr_scheduler_type,
-        peak_lr: cfg.learning_rate,
-        warmup_steps: optim::warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
-        total_steps,
-    };
+    let schedule = LrSchedule::from_config(cfg, total_steps);
     let mut optimizer = AdamW::new(
         policy.named_parameters(),
-        AdamWParams {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
+        AdamWParams::from_config(cfg),
         DecayGrouping::HfTrainer,
     )?;
     let mut state = TrainerState {
@@ -88,13 +74,9 @@ pub fn train(cfg: &Config) -> Result<()> {
         seed: cfg.seed,
         ..Default::default()
     };
-    let resume_dir = match &cfg.resume_from_checkpoint {
-        None => None,
-        Some(ResumeFrom::Latest) => Some(checkpoint::latest(&output_dir)?),
-        Some(ResumeFrom::Path(path)) => Some(PathBuf::from(path)),
-    };
+    let resume_dir = checkpoint::resume_dir(cfg.resume_from_checkpoint.as_ref(), &output_dir)?;
     if let Some(dir) = &resume_dir {
-        state = resume(dir, &policy, &mut optimizer)?;
+        state = checkpoint::restore(dir, &policy, &mut optimizer)?;
         info!(
             "resumed from {} at step {}",
             dir.display(),
@@ -106,8 +88,8 @@ pub fn train(cfg: &Config) -> Result<()> {
         cfg.reports_to_tensorboard(),
         resume_dir.as_ref().map(|_| state.global_step),
     )?;
-    let model_files = model_side_files(&files)?;
-    ctrlc::set_handler(|| STOP_REQUESTED.store(true, Ordering::SeqCst)).ok();
+    let model_files = checkpoint::model_side_files(&files)?;
+    checkpoint::stop_on_ctrl_c();
     let progress = crate::progress::Progress::new(total_steps as u64, state.global_step, "train");
     let sampling_params = SamplingParams::from_config(cfg);
     info!(
@@ -131,7 +113,11 @@ pub fn train(cfg: &Config) -> Result<()> {
             let sampler = policy.inference_copy()?;
             rollouts = (0..cfg.gradient_accumulation_steps)
                 .map(|micro| {
-                    let examples = next_examples(&dataset, cfg, &mut state);
+                    let examples = dataset.next_batch(
+                        cfg.seed,
+                        cfg.per_device_train_batch_size,
+                        &mut state.data,
+                    );
                     let spec = GenerationSpec {
                         group_size: cfg.num_generations,
                         max_new_tokens: cfg.max_completion_length,
@@ -209,7 +195,7 @@ pub fn train(cfg: &Config) -> Result<()> {
             );
         }
         state.global_step += 1;
-        state.epoch = state.data_epoch as f64 + state.data_index as f64 / dataset.len() as f64;
+        state.epoch = state.data.epoch as f64 + state.data.index as f64 / dataset.len() as f64;
         state.num_tokens += rollouts.iter().map(Rollout::num_tokens).sum::<u64>();
 
         // 6. log and save.
@@ -250,17 +236,17 @@ pub fn train(cfg: &Config) -> Result<()> {
             write_completions(&output_dir, step, &rollouts)?;
         }
         progress.set(step);
-        let stopping = STOP_REQUESTED.load(Ordering::SeqCst);
+        let stopping = checkpoint::stop_requested();
         let scheduled = cfg.save_steps > 0 && step % cfg.save_steps as u64 == 0;
         if scheduled || stopping {
-            let model = named_tensors(&policy);
-            let ckpt = Checkpoint {
-                model: &model,
-                optimizer: &optimizer.state()?,
-                state: &state,
-                model_files: &model_files,
-            };
-            let dir = checkpoint::save(&output_dir, &ckpt, cfg.save_total_limit)?;
+            let dir = checkpoint::save_training(
+                &output_dir,
+                &policy,
+                &optimizer,
+                &state,
+                &model_files,
+                cfg.save_total_limit,
+            )?;
             info!("saved {}", dir.display());
         }
         if stopping {
@@ -271,7 +257,11 @@ pub fn train(cfg: &Config) -> Result<()> {
         }
     }
     progress.finish();
-    checkpoint::write_model(&output_dir, &named_tensors(&policy), &model_files)?;
+    checkpoint::write_model(
+        &output_dir,
+        &checkpoint::policy_tensors(&policy),
+        &model_files,
+    )?;
     info!("done: final model in {}", output_dir.display());
     Ok(())
 }
@@ -394,23 +384,6 @@ fn rollout(
     Ok(rollout)
 }
 
-/// The next `per_device_train_batch_size` examples in the seeded epoch order; a new epoch
-/// starts (with a new order) when the current one is used up.
-fn next_examples(dataset: &Dataset, cfg: &Config, state: &mut TrainerState) -> Vec<Example> {
-    let mut order = dataset.epoch_order(cfg.seed, state.data_epoch);
-    let mut batch = Vec::with_capacity(cfg.per_device_train_batch_size);
-    while batch.len() < cfg.per_device_train_batch_size {
-        if state.data_index as usize >= order.len() {
-            state.data_epoch += 1;
-            state.data_index = 0;
-            order = dataset.epoch_order(cfg.seed, state.data_epoch);
-        }
-        batch.push(dataset.get(order[state.data_index as usize]).clone());
-        state.data_index += 1;
-    }
-    batch
-}
-
 /// Optimizer updates of the run, as the HF Trainer computes them: `max_steps` when positive,
 /// else `ceil(num_train_epochs * max(ceil(N / batch) // accumulation, 1))`.
 pub fn total_optimizer_steps(cfg: &Config, num_examples: usize) -> usize {
@@ -502,78 +475,6 @@ fn step_metrics(
         num_tokens: totals.num_tokens,
         step_time: totals.step_time,
     })
-}
-
-/// Restores weights, optimiser state and progress from a checkpoint, refusing one of another
-/// model shape.
-fn resume(dir: &Path, policy: &Qwen2, optimizer: &mut AdamW) -> Result<TrainerState> {
-    let (state, optimizer_state) = checkpoint::load_state(dir)?;
-    let weights_path = dir.join(checkpoint::MODEL_FILE);
-    let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
-    for (name, var) in policy.named_parameters() {
-        let saved = weights.get(name).with_context(|| {
-            format!(
-                "checkpoint {} has no tensor {name}: it was saved from another model; point \
-                 resume_from_checkpoint at a checkpoint of this model_name_or_path",
-                dir.display()
-            )
-        })?;
-        ensure!(
-            saved.dims() == var.dims(),
-            "checkpoint {} holds {name} of shape {:?} but the model has {:?}: it was saved from \
-             another model",
-            dir.display(),
-            saved.dims(),
-            var.dims()
-        );
-        var.set(&saved.to_device(var.device())?)?;
-    }
-    optimizer.load_state(&optimizer_state)?;
-    Ok(state)
-}
-
-/// The policy's weights as (HF name, tensor) pairs for saving.
-fn named_tensors(policy: &Qwen2) -> Vec<(String, Tensor)> {
-    policy
-        .named_parameters()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
-}
-
-/// config.json, generation_config.json and the tokenizer files, copied into every checkpoint.
-fn model_side_files(files: &ModelFiles) -> Result<Vec<PathBuf>> {
-    let dir = files.weights[0]
-        .parent()
-        .context("weights file without a folder")?;
-    let mut paths: Vec<PathBuf> = ["config.json", "generation_config.json"]
-        .iter()
-        .map(|name| dir.join(name))
-        .filter(|p| p.is_file())
-        .collect();
-    let (tokenizer_json, tokenizer_config) = files.tokenizer_files()?;
-    paths.extend([tokenizer_json, tokenizer_config]);
-    Ok(paths)
-}
-
-/// Fails before any work when `output_dir` cannot be written.
-fn ensure_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| {
-        format!(
-            "output_dir {} cannot be created: choose a writable folder",
-            dir.display()
-        )
-    })?;
-    let probe = dir.join(".grpo-write-test");
-    std::fs::write(&probe, b"").with_context(|| {
-        format!(
-            "output_dir {} is not writable: choose a writable folder",
-            dir.display()
-        )
-    })?;
-    std::fs::remove_file(probe).ok();
-    Ok(())
 }
 
 /// Prompts, completions, rewards and advantages of a step as JSON lines.

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use grpo::checkpoint::{self, Checkpoint, TrainerState};
+use grpo::data::DataPosition;
 
 fn save_step(dir: &std::path::Path, step: u64, limit: Option<usize>) -> std::path::PathBuf {
     let weight = Tensor::new(&[[step as f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
@@ -15,7 +16,10 @@ fn save_step(dir: &std::path::Path, step: u64, limit: Option<usize>) -> std::pat
     .into();
     let state = TrainerState {
         global_step: step,
-        data_index: 7 * step,
+        data: DataPosition {
+            epoch: 0,
+            index: 7 * step,
+        },
         ..Default::default()
     };
     let config = dir.join("config.json");
@@ -42,7 +46,7 @@ fn saved_checkpoint_round_trips_state_weights_and_files() {
         .unwrap();
     assert_eq!(w, [[3.0, 2.0], [3.0, 4.0]]);
     let (state, optimizer) = checkpoint::load_state(&path).unwrap();
-    assert_eq!((state.global_step, state.data_index), (3, 21));
+    assert_eq!((state.global_step, state.data.index), (3, 21));
     assert_eq!(optimizer["step"].to_vec1::<f32>().unwrap(), [3.0]);
     assert!(std::fs::read_dir(dir.path())
         .unwrap()

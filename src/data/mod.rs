@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 
 use crate::hub::{list_dir_files, HubRepo, HubSettings, RepoKind};
 
@@ -52,8 +53,18 @@ impl DatasetSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
     pub question: String,
-    /// Normalised with [`normalize_answer`].
+    /// Normalised with [`normalize_answer`] (as written for [`Dataset::load_solutions`]).
     pub answer: String,
+}
+
+/// Where a run stands in its data: the epoch in progress and how many of its examples were used.
+/// Saved in `trainer_state.json` as `data_epoch` and `data_index`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    #[serde(rename = "data_epoch")]
+    pub epoch: u64,
+    #[serde(rename = "data_index")]
+    pub index: u64,
 }
 
 /// The examples of one split, in file order.
@@ -71,6 +82,20 @@ impl Dataset {
 
     /// Loads `spec`'s split; a hub dataset is resolved with `hub`.
     pub fn load_with(spec: &DatasetSpec, hub: &HubSettings) -> Result<Dataset> {
+        let mut dataset = Self::load_solutions_with(spec, hub)?;
+        for example in &mut dataset.examples {
+            example.answer = normalize_answer(&example.answer);
+        }
+        Ok(dataset)
+    }
+
+    /// Loads `spec`'s split keeping the answer column as written (for `grpo sft`, whose
+    /// targets are the worked solutions, not just their final numbers).
+    pub fn load_solutions(spec: &DatasetSpec) -> Result<Dataset> {
+        Self::load_solutions_with(spec, &HubSettings::from_env())
+    }
+
+    fn load_solutions_with(spec: &DatasetSpec, hub: &HubSettings) -> Result<Dataset> {
         let files = resolve_files(spec, hub)?;
         let mut examples = Vec::new();
         for file in &files {
@@ -121,6 +146,23 @@ impl Dataset {
     /// This dataset's shuffled order for `epoch` (see [`epoch_order`]).
     pub fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<usize> {
         epoch_order(self.len(), seed, epoch)
+    }
+
+    /// The next `count` examples of the seeded epoch order from `position`, which advances; a
+    /// new epoch (with a new order) starts when the current one is used up.
+    pub fn next_batch(&self, seed: u64, count: usize, position: &mut DataPosition) -> Vec<Example> {
+        let mut order = self.epoch_order(seed, position.epoch);
+        let mut batch = Vec::with_capacity(count);
+        while batch.len() < count {
+            if position.index as usize >= order.len() {
+                position.epoch += 1;
+                position.index = 0;
+                order = self.epoch_order(seed, position.epoch);
+            }
+            batch.push(self.examples[order[position.index as usize]].clone());
+            position.index += 1;
+        }
+        batch
     }
 }
 

@@ -15,13 +15,13 @@ use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use super::{normalize_answer, Example};
+use super::Example;
 
 /// Rows decoded at a time; bounds memory for files with huge row groups.
 const BATCH_ROWS: usize = 1024;
 
 /// Appends the examples of `path` to `examples`, reading only `prompt_column` (text) and
-/// `answer_column` (text or number, normalised with [`normalize_answer`]).
+/// `answer_column` (text or number, kept as written; [`super::Dataset::load`] normalises it).
 pub(crate) fn read_examples(
     path: &Path,
     prompt_column: &str,
@@ -100,10 +100,7 @@ pub(crate) fn read_examples(
             };
             let question = prompt.ok_or_else(|| null_cell(prompt_column))?;
             let answer = answer.ok_or_else(|| null_cell(answer_column))?;
-            examples.push(Example {
-                question,
-                answer: normalize_answer(&answer),
-            });
+            examples.push(Example { question, answer });
         }
         first_row += batch.num_rows();
     }
