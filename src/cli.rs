@@ -1,4 +1,4 @@
-//! The command line: `grpo train | eval | sample | score`, each reading the same config
+//! The command line: `grpo train | sft | eval | sample | score`, each reading the same config
 //! (`--config`, `--set`, `--print-config`), the tools `grpo data synth`, `grpo plot` and
 //! `grpo init-model`, plus logging setup and the mapping of errors to exit codes. Each command is
 //! one function called from [`run`].
@@ -52,6 +52,16 @@ take an AdamW step on the clipped surrogate minus beta times the KL to the refer
 Checkpoints go to output_dir every save_steps steps."
     )]
     Train(TrainArgs),
+
+    /// Supervised fine-tuning on worked solutions (the warm start before GRPO).
+    #[command(
+        long_about = "Supervised fine-tuning on worked solutions, the warm start before GRPO: \
+each row's dataset_solution_column (GSM8K style, reasoning then `#### answer`) becomes the \
+assistant turn <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>, and the \
+model learns it with cross-entropy on those tokens only. Same batching, optimiser, schedule, \
+logs and checkpoints as train."
+    )]
+    Sft(TrainArgs),
 
     /// Evaluate a model or checkpoint on a dataset split.
     #[command(
@@ -263,6 +273,7 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train(args),
+        Command::Sft(args) => sft(args),
         Command::Eval(args) => eval(args),
         Command::Sample(args) => sample(args),
         Command::Score(args) => score(args),
@@ -277,6 +288,13 @@ fn train(args: TrainArgs) -> Result<()> {
         return Ok(());
     };
     crate::train::train(&config)
+}
+
+fn sft(args: TrainArgs) -> Result<()> {
+    let Some(config) = args.config.resolve()? else {
+        return Ok(());
+    };
+    crate::sft::sft(&config)
 }
 
 fn eval(args: EvalArgs) -> Result<()> {

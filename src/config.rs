@@ -58,6 +58,7 @@ pub struct Config {
     pub dataset_test_split: String,
     pub dataset_prompt_column: String,
     pub dataset_answer_column: String,
+    pub dataset_solution_column: String,
     pub system_prompt: String,
     pub reward_funcs: Vec<String>,
     pub device: DeviceChoice,
@@ -125,6 +126,7 @@ impl Default for Config {
             dataset_test_split: "test".into(),
             dataset_prompt_column: "question_zh-cn".into(),
             dataset_answer_column: "answer_only".into(),
+            dataset_solution_column: "answer".into(),
             system_prompt: SEED_SYSTEM_PROMPT.into(),
             reward_funcs: rewards::SEED_REWARDS
                 .iter()
@@ -263,6 +265,7 @@ impl Config {
             ("dataset_test_split", &self.dataset_test_split),
             ("dataset_prompt_column", &self.dataset_prompt_column),
             ("dataset_answer_column", &self.dataset_answer_column),
+            ("dataset_solution_column", &self.dataset_solution_column),
             ("output_dir", &self.output_dir),
         ] {
             check.that(

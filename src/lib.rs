@@ -24,5 +24,6 @@ pub mod rewards;
 pub mod sample;
 pub mod sampling;
 pub mod score;
+pub mod sft;
 pub mod synth;
 pub mod train;
