@@ -11,6 +11,9 @@
 
 use candle_core::Device;
 
+/// The metric's name in metrics.jsonl, TensorBoard and `log_history`.
+pub const PEAK_METRIC: &str = "memory/peak_gib";
+
 const BYTES_PER_GIB: f64 = (1u64 << 30) as f64;
 
 /// The high-water mark of one step's memory.
