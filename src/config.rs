@@ -77,6 +77,8 @@ pub struct Config {
     pub max_steps: i64,
     pub per_device_train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
+    /// Ours: most completions per training forward/backward pass; 0 = all of the micro-step's.
+    pub forward_batch_size: usize,
     pub seed: u64,
     pub bf16: bool,
 
@@ -147,6 +149,7 @@ impl Default for Config {
             max_steps: -1,
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
+            forward_batch_size: 0,
             seed: 42,
             bf16: false,
 
@@ -351,6 +354,18 @@ impl Config {
         check.positive(
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
+        );
+        let g = self.num_generations.max(1);
+        check.that(
+            self.forward_batch_size == 0
+                || g % self.forward_batch_size == 0
+                || self.forward_batch_size % g == 0,
+            "forward_batch_size",
+            self.forward_batch_size,
+            &format!(
+                "0 (all completions of a micro-step in one pass), a divisor of num_generations \
+                 = {g} (equal slices of one group) or a multiple of it (whole groups)"
+            ),
         );
         check.that(
             i64::try_from(self.seed).is_ok(),

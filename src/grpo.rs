@@ -295,7 +295,7 @@ pub struct LossParams {
     /// The ratio is clipped to `[1 - epsilon_low, 1 + epsilon_high]`.
     pub epsilon_low: f64,
     pub epsilon_high: f64,
-    /// The dr_grpo normaliser (`B * max_completion_length`).
+    /// The dr_grpo normaliser (micro-batch completions × `max_completion_length`).
     pub max_completion_length: usize,
     /// dapo only: unmasked completion tokens of the whole accumulated batch (every micro-batch
     /// of the optimizer step), TRL's `num_items_in_batch`.
@@ -354,8 +354,46 @@ pub struct GrpoLoss {
     pub metrics: LossMetrics,
 }
 
+/// The size of the micro-batch a loss is normalised by.
+///
+/// A micro-batch fed through the model in chunks (`forward_batch_size`) normalises each chunk's
+/// loss by the whole micro-batch, so the chunks' losses, and their gradients, sum to the
+/// micro-batch's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MicroBatchSize {
+    /// Completions of the micro-batch (grpo and dr_grpo divide by it).
+    pub completions: usize,
+    /// Sum of the micro-batch's loss mask: its unmasked completion tokens (bnpo divides by it).
+    pub tokens: f64,
+}
+
+impl MicroBatchSize {
+    /// The size of the micro-batch with loss mask `mask` (`[B, C]`).
+    pub fn of(mask: &Tensor) -> Result<Self> {
+        let (completions, _) = mask
+            .dims2()
+            .context("the loss mask must be a [batch, completion] tensor")?;
+        let tokens = mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        Ok(Self {
+            completions,
+            tokens,
+        })
+    }
+}
+
 /// The GRPO loss of one micro-batch (TRL's `_compute_loss` with token-level importance sampling).
 pub fn grpo_loss(inputs: &LossInputs, params: &LossParams) -> Result<GrpoLoss> {
+    chunk_grpo_loss(inputs, params, MicroBatchSize::of(inputs.mask)?)
+}
+
+/// [`grpo_loss`] of some of the completions of a micro-batch of size `micro_batch`: the
+/// aggregation divides by the whole micro-batch, so the losses of a micro-batch's chunks sum to
+/// its [`grpo_loss`]. The metrics are the chunk's own (see [`LossMetrics::of_chunks`]).
+pub fn chunk_grpo_loss(
+    inputs: &LossInputs,
+    params: &LossParams,
+    micro_batch: MicroBatchSize,
+) -> Result<GrpoLoss> {
     let LossInputs {
         logp,
         old_logp,
@@ -384,6 +422,11 @@ pub fn grpo_loss(inputs: &LossInputs, params: &LossParams) -> Result<GrpoLoss> {
     ensure!(
         params.gradient_accumulation_steps > 0,
         "gradient_accumulation_steps must be at least 1"
+    );
+    ensure!(
+        batch <= micro_batch.completions,
+        "a chunk of {batch} completions cannot belong to a micro-batch of {}",
+        micro_batch.completions
     );
     let dtype = logp.dtype();
     let mask = mask.to_dtype(dtype)?;
@@ -417,20 +460,19 @@ pub fn grpo_loss(inputs: &LossInputs, params: &LossParams) -> Result<GrpoLoss> {
 
     let masked_sum = (&per_token_loss * &mask)?;
     let accumulation = params.gradient_accumulation_steps as f64;
+    let completions = micro_batch.completions as f64;
     let loss = match params.loss_type {
         LossType::Grpo => {
             let per_sequence = masked_sum.sum(1)?.div(&mask.sum(1)?.maximum(1.0)?)?;
-            (per_sequence.mean(0)? / accumulation)?
+            (per_sequence.sum(0)? / (completions * accumulation))?
         }
-        LossType::Bnpo => {
-            (masked_sum.sum_all()?.div(&mask.sum_all()?.maximum(1.0)?)? / accumulation)?
-        }
+        LossType::Bnpo => (masked_sum.sum_all()? / (micro_batch.tokens.max(1.0) * accumulation))?,
         LossType::DrGrpo => {
             ensure!(
                 params.max_completion_length > 0,
                 "max_completion_length must be at least 1"
             );
-            let normaliser = (batch * params.max_completion_length) as f64 * accumulation;
+            let normaliser = completions * params.max_completion_length as f64 * accumulation;
             (masked_sum.sum_all()? / normaliser)?
         }
         LossType::Dapo => (masked_sum.sum_all()? / params.num_items_in_batch.max(1) as f64)?,
@@ -474,6 +516,33 @@ fn loss_metrics(
         clip_ratio_high_mean: masked_mean(&high, mask)?,
         clip_ratio_region_mean: masked_mean(&region, mask)?,
     })
+}
+
+impl LossMetrics {
+    /// The metrics of a micro-batch from those of its chunks, each given with the sum of its loss
+    /// mask: every metric is a masked mean, so weighting by tokens gives the micro-batch's own.
+    pub fn of_chunks(chunks: &[(LossMetrics, f64)]) -> LossMetrics {
+        let combine = |metric: fn(&LossMetrics) -> f64| {
+            combine_masked_means(chunks.iter().map(|(m, tokens)| (metric(m), *tokens)))
+        };
+        LossMetrics {
+            kl: chunks
+                .iter()
+                .all(|(m, _)| m.kl.is_some())
+                .then(|| combine(|m| m.kl.unwrap_or(0.0))),
+            clip_ratio_low_mean: combine(|m| m.clip_ratio_low_mean),
+            clip_ratio_high_mean: combine(|m| m.clip_ratio_high_mean),
+            clip_ratio_region_mean: combine(|m| m.clip_ratio_region_mean),
+        }
+    }
+}
+
+/// The [`masked_mean`] of a whole from `(masked mean, mask sum)` of its parts.
+pub fn combine_masked_means(parts: impl Iterator<Item = (f64, f64)>) -> f64 {
+    let (total, count) = parts.fold((0.0, 0.0), |(total, count), (mean, tokens)| {
+        (total + mean * tokens, count + tokens)
+    });
+    total / f64::max(count, 1.0)
 }
 
 /// `sum(values * mask) / max(sum(mask), 1)`: TRL's global masked mean (kl, entropy, clip ratios).

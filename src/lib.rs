@@ -14,6 +14,7 @@ pub mod eval;
 pub mod grpo;
 pub mod hub;
 pub mod init_model;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -5,12 +5,15 @@
 //!    micro-steps, from the epoch's seeded order;
 //! 2. sample `num_generations` completions per prompt (one prefill per prompt, shared KV cache);
 //! 3. score them with the rule rewards and turn rewards into group-normalised advantages;
-//! 4. per micro-step: policy log-probs (grouped forward: one prompt pass for its G completions,
-//!    their gradients summed into it), reference log-probs without a graph, the GRPO loss,
-//!    backward, gradients accumulated by parameter name;
+//! 4. per micro-step, `forward_batch_size` completions at a time (whole groups, or equal slices
+//!    of one group): policy log-probs (grouped forward: one prompt pass for the chunk's
+//!    completions of it, their gradients summed into it), reference log-probs without a graph,
+//!    the GRPO loss normalised by the whole micro-batch, backward, gradients accumulated by
+//!    parameter name, the chunk's graph dropped before the next one;
 //! 5. clip by global norm, AdamW at the scheduled learning rate (skipped, weights untouched, when
 //!    the loss or a gradient is not finite);
-//! 6. log, save checkpoints on schedule, stop cleanly on Ctrl-C with a checkpoint.
+//! 6. log (with the step's peak memory), save checkpoints on schedule, stop cleanly on Ctrl-C
+//!    with a checkpoint.
 //!
 //! Every random choice derives from (seed, step, micro-step, row), so a resumed run continues
 //! bit for bit as if it had never stopped.
@@ -29,8 +32,9 @@ use crate::data::{Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
 use crate::grpo::{
     self, Advantages, CompletionBatch, CompletionLengthMetrics, LossInputs, LossMetrics,
-    LossParams, RewardMetrics, StepMetrics,
+    LossParams, MicroBatchSize, RewardMetrics, StepMetrics,
 };
+use crate::memory::{self, PeakMemory};
 use crate::metrics::MetricsLog;
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
@@ -102,9 +106,11 @@ pub fn train(cfg: &Config) -> Result<()> {
 
     // ---- the loop: one iteration per optimizer step -------------------------------------------
     let mut rollouts: Vec<Rollout> = Vec::new();
+    let mut memory = PeakMemory::new(&device);
     while state.global_step < total_steps as u64 {
         let started = Instant::now();
         let step = state.global_step;
+        memory.reset();
 
         // 1-3. sample completions, score them, compute advantages (reused for num_iterations
         // steps, with the sampling-time log-probs as the old policy, as TRL does).
@@ -131,9 +137,10 @@ pub fn train(cfg: &Config) -> Result<()> {
                     )
                 })
                 .collect::<Result<_>>()?;
+            memory.sample();
         }
 
-        // 4. loss and gradients, micro-batch by micro-batch.
+        // 4. loss and gradients, micro-batch by micro-batch, chunk by chunk.
         let num_items_in_batch: usize = rollouts.iter().map(|r| r.completions.num_items()).sum();
         let loss_params = LossParams {
             loss_type: cfg.loss_type,
@@ -150,34 +157,18 @@ pub fn train(cfg: &Config) -> Result<()> {
         let mut micro_metrics = Vec::new();
         let mut entropy = Vec::new();
         for rollout in &rollouts {
-            let batch = rollout.grouped_batch();
-            let policy_logps = grouped_completion_logprobs(&policy, &batch, cfg.temperature, true)?;
-            let ref_logps = match &reference {
-                Some(model) => Some(
-                    grouped_completion_logprobs(model, &batch, cfg.temperature, false)?.logprobs,
-                ),
-                None => None,
-            };
-            let old_logp = match &rollout.old_logp {
-                Some(old) => old.clone(),
-                None => policy_logps.logprobs.detach(),
-            };
-            let loss = grpo::grpo_loss(
-                &LossInputs {
-                    logp: &policy_logps.logprobs,
-                    old_logp: &old_logp,
-                    ref_logp: ref_logps.as_ref(),
-                    advantages: &rollout.advantages_tensor,
-                    mask: &rollout.mask,
-                },
+            let micro = micro_step(
+                &policy,
+                reference.as_ref(),
+                &rollout.batch,
+                cfg,
                 &loss_params,
+                &mut grads,
+                &mut memory,
             )?;
-            loss_value += loss.loss.to_scalar::<f32>()? as f64;
-            grads.accumulate(policy.named_parameters(), &loss.loss.backward()?)?;
-            micro_metrics.push(loss.metrics);
-            if let Some(e) = &policy_logps.entropy {
-                entropy.push(grpo::masked_mean(e, &rollout.mask)?);
-            }
+            loss_value += micro.loss;
+            micro_metrics.push(micro.metrics);
+            entropy.push(micro.entropy);
         }
 
         // 5. clip, then step unless something is not finite.
@@ -219,6 +210,9 @@ pub fn train(cfg: &Config) -> Result<()> {
                 .cloned()
                 .context("step metrics serialise to an object")?;
             values.insert("epoch".into(), state.epoch.into());
+            if let Some(peak) = memory.peak_gib() {
+                values.insert(memory::PEAK_METRIC.into(), peak.into());
+            }
             log.log(step, &values)?;
             let mut history = values.clone();
             history.insert("step".into(), step.into());
@@ -269,22 +263,49 @@ pub fn train(cfg: &Config) -> Result<()> {
 /// One micro-batch of sampled experience: prompts, completions, rewards and advantages.
 struct Rollout {
     examples: Vec<Example>,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
     completions: CompletionBatch,
-    completion_ids: Tensor,
-    mask: Tensor,
     texts: Vec<String>,
     rewards_per_func: Vec<Vec<f64>>,
     advantages: Advantages,
-    advantages_tensor: Tensor,
+    /// What the training forward needs, as tensors.
+    batch: TrainBatch,
+}
+
+impl Rollout {
+    /// Prompt and completion tokens the model saw (TRL's `num_tokens`).
+    fn num_tokens(&self) -> u64 {
+        let prompt: f32 = self
+            .batch
+            .prompt_mask
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|m| m.sum_all())
+            .and_then(|s| s.to_scalar::<f32>())
+            .unwrap_or(0.0);
+        prompt as u64 * self.batch.group_size as u64
+            + self.completions.lengths.iter().sum::<usize>() as u64
+    }
+}
+
+/// Prompts with `group_size` completions each, as the training forward takes them: a whole
+/// micro-batch, or a chunk of one.
+#[derive(Clone)]
+struct TrainBatch {
+    /// `[prompts, P]`, left-padded.
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    /// `[prompts * group_size, C]`, right-padded; row `p * group_size + g`.
+    completion_ids: Tensor,
+    /// The loss mask, `[prompts * group_size, C]`.
+    mask: Tensor,
+    /// `[prompts * group_size]`.
+    advantages: Tensor,
     /// Sampling-time log-probs, kept only when `num_iterations > 1`.
     old_logp: Option<Tensor>,
     group_size: usize,
 }
 
-impl Rollout {
-    fn grouped_batch(&self) -> GroupedBatch<'_> {
+impl TrainBatch {
+    fn grouped(&self) -> GroupedBatch<'_> {
         GroupedBatch {
             prompt_ids: &self.prompt_ids,
             prompt_mask: &self.prompt_mask,
@@ -294,17 +315,103 @@ impl Rollout {
         }
     }
 
-    /// Prompt and completion tokens the model saw (TRL's `num_tokens`).
-    fn num_tokens(&self) -> u64 {
-        let prompt: f32 = self
-            .prompt_mask
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|m| m.sum_all())
-            .and_then(|s| s.to_scalar::<f32>())
-            .unwrap_or(0.0);
-        prompt as u64 * self.group_size as u64
-            + self.completions.lengths.iter().sum::<usize>() as u64
+    /// The batch `size` completions at a time (`0`: all at once). A multiple of the group size
+    /// takes whole groups; a divisor of it takes equal slices of one group, each with the
+    /// group's prompt.
+    fn chunks(&self, size: usize) -> Result<Vec<TrainBatch>> {
+        let rows = self.completion_ids.dim(0)?;
+        if size == 0 || size >= rows {
+            return Ok(vec![self.clone()]);
+        }
+        let group = self.group_size;
+        ensure!(
+            group % size == 0 || size % group == 0,
+            "forward_batch_size = {size} neither divides nor is a multiple of num_generations = \
+             {group}: choose 0, a divisor or a multiple"
+        );
+        (0..rows)
+            .step_by(size)
+            .map(|start| {
+                let len = size.min(rows - start);
+                let rows_of = |t: &Tensor| t.narrow(0, start, len);
+                let (first_prompt, prompts) = (start / group, len.div_ceil(group));
+                Ok(TrainBatch {
+                    prompt_ids: self.prompt_ids.narrow(0, first_prompt, prompts)?,
+                    prompt_mask: self.prompt_mask.narrow(0, first_prompt, prompts)?,
+                    completion_ids: rows_of(&self.completion_ids)?,
+                    mask: rows_of(&self.mask)?,
+                    advantages: rows_of(&self.advantages)?,
+                    old_logp: self.old_logp.as_ref().map(rows_of).transpose()?,
+                    group_size: len.min(group),
+                })
+            })
+            .collect()
     }
+}
+
+/// What one micro-step adds to the step: its loss and metrics (its gradients go into `grads`).
+struct MicroStep {
+    loss: f64,
+    metrics: LossMetrics,
+    entropy: f64,
+}
+
+/// Loss and gradients of one micro-batch, `forward_batch_size` completions at a time: each
+/// chunk's loss is normalised by the whole micro-batch, back-propagated into `grads`, and its
+/// graph dropped before the next chunk, so the sums equal one pass over the whole micro-batch.
+fn micro_step(
+    policy: &Qwen2,
+    reference: Option<&Qwen2>,
+    batch: &TrainBatch,
+    cfg: &Config,
+    loss_params: &LossParams,
+    grads: &mut Gradients,
+    memory: &mut PeakMemory,
+) -> Result<MicroStep> {
+    let micro_batch = MicroBatchSize::of(&batch.mask)?;
+    let mut loss_value = 0.0;
+    let mut metrics = Vec::new();
+    let mut entropy = Vec::new();
+    for chunk in batch.chunks(cfg.forward_batch_size)? {
+        let policy_logps =
+            grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true)?;
+        let ref_logps = match reference {
+            Some(model) => Some(
+                grouped_completion_logprobs(model, &chunk.grouped(), cfg.temperature, false)?
+                    .logprobs,
+            ),
+            None => None,
+        };
+        memory.sample();
+        let old_logp = match &chunk.old_logp {
+            Some(old) => old.clone(),
+            None => policy_logps.logprobs.detach(),
+        };
+        let loss = grpo::chunk_grpo_loss(
+            &LossInputs {
+                logp: &policy_logps.logprobs,
+                old_logp: &old_logp,
+                ref_logp: ref_logps.as_ref(),
+                advantages: &chunk.advantages,
+                mask: &chunk.mask,
+            },
+            loss_params,
+            micro_batch,
+        )?;
+        loss_value += loss.loss.to_scalar::<f32>()? as f64;
+        grads.accumulate(policy.named_parameters(), &loss.loss.backward()?)?;
+        memory.sample();
+        let tokens = MicroBatchSize::of(&chunk.mask)?.tokens;
+        metrics.push((loss.metrics, tokens));
+        if let Some(e) = &policy_logps.entropy {
+            entropy.push((grpo::masked_mean(e, &chunk.mask)?, tokens));
+        }
+    }
+    Ok(MicroStep {
+        loss: loss_value,
+        metrics: LossMetrics::of_chunks(&metrics),
+        entropy: grpo::combine_masked_means(entropy.into_iter()),
+    })
 }
 
 /// Samples, decodes and scores one micro-batch.
@@ -357,31 +464,27 @@ fn rollout(
     let advantages = grpo::group_advantages(&weighted, spec.group_size, cfg.scale_rewards)?;
     let padded = left_pad(&prompts, spec.pad_id);
     let (num_prompts, prompt_len) = (prompts.len(), padded.width());
-    let prompt_ids = Tensor::from_vec(padded.ids.concat(), (num_prompts, prompt_len), device)?;
-    let prompt_mask = Tensor::from_vec(padded.mask.concat(), (num_prompts, prompt_len), device)?;
-    let completion_ids = completions.ids_tensor(device)?;
-    let mask = completions.mask_tensor(device)?;
-    let advantages_tensor = Tensor::new(advantages.advantages.as_slice(), device)?;
-    let mut rollout = Rollout {
-        examples: examples.to_vec(),
-        prompt_ids,
-        prompt_mask,
-        completions,
-        completion_ids,
-        mask,
-        texts,
-        rewards_per_func,
-        advantages,
-        advantages_tensor,
+    let mut batch = TrainBatch {
+        prompt_ids: Tensor::from_vec(padded.ids.concat(), (num_prompts, prompt_len), device)?,
+        prompt_mask: Tensor::from_vec(padded.mask.concat(), (num_prompts, prompt_len), device)?,
+        completion_ids: completions.ids_tensor(device)?,
+        mask: completions.mask_tensor(device)?,
+        advantages: Tensor::new(advantages.advantages.as_slice(), device)?,
         old_logp: None,
         group_size: spec.group_size,
     };
     if cfg.num_iterations > 1 {
-        let logps =
-            grouped_completion_logprobs(sampler, &rollout.grouped_batch(), cfg.temperature, false)?;
-        rollout.old_logp = Some(logps.logprobs.detach());
+        let logps = grouped_completion_logprobs(sampler, &batch.grouped(), cfg.temperature, false)?;
+        batch.old_logp = Some(logps.logprobs.detach());
     }
-    Ok(rollout)
+    Ok(Rollout {
+        examples: examples.to_vec(),
+        completions,
+        texts,
+        rewards_per_func,
+        advantages,
+        batch,
+    })
 }
 
 /// Optimizer updates of the run, as the HF Trainer computes them: `max_steps` when positive,
@@ -483,7 +586,7 @@ fn completion_records(rollouts: &[Rollout]) -> Vec<serde_json::Value> {
         .iter()
         .flat_map(|r| {
             (0..r.texts.len()).map(move |row| {
-                let example = &r.examples[row / r.group_size];
+                let example = &r.examples[row / r.batch.group_size];
                 serde_json::json!({
                     "prompt": example.question,
                     "answer": example.answer,

@@ -79,6 +79,10 @@ fn defaults_are_trl_0_14_and_hf_training_arguments() {
     assert_eq!(c.max_steps, -1);
     assert_eq!(c.per_device_train_batch_size, 8);
     assert_eq!(c.gradient_accumulation_steps, 1);
+    assert_eq!(
+        c.forward_batch_size, 0,
+        "ours: one pass over each micro-step"
+    );
     assert_eq!((c.logging_steps, c.save_steps), (500, 500));
     assert_eq!(c.save_total_limit, None);
     assert_eq!(c.seed, 42);
@@ -121,6 +125,7 @@ fn toml_recipe_is_the_users_trl_recipe() {
     assert_eq!(c.per_device_train_batch_size, 1);
     assert_eq!(c.gradient_accumulation_steps, 4);
     assert_eq!(c.num_generations, 16);
+    assert_eq!(c.forward_batch_size, 8);
     assert_eq!(c.max_prompt_length, 256);
     assert_eq!(c.max_completion_length, 200);
     assert_eq!(c.num_train_epochs, 1.0);
@@ -250,6 +255,26 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
             &["gradient_accumulation_steps", "0", ">= 1"],
         ),
         ("num_iterations=0", &["num_iterations", "0", ">= 1"]),
+        (
+            "forward_batch_size=3",
+            &[
+                "forward_batch_size",
+                "3",
+                "divisor of num_generations = 8",
+                "multiple",
+            ],
+        ),
+        (
+            "forward_batch_size=12",
+            &[
+                "forward_batch_size",
+                "12",
+                "divisor of num_generations = 8",
+                "multiple",
+            ],
+        ),
+        ("forward_batch_size=4", &[]),
+        ("forward_batch_size=16", &[]),
         ("logging_steps=0", &["logging_steps", "0", ">= 1"]),
         ("save_steps=0", &["save_steps", "0", ">= 1"]),
         ("save_total_limit=0", &["save_total_limit", "0"]),

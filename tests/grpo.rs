@@ -7,9 +7,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use grpo::grpo::{
-    group_advantages, grpo_loss, masked_mean, weighted_rewards, CompletionBatch,
-    CompletionLengthMetrics, GrpoLoss, LossInputs, LossParams, LossType, RewardMetrics,
-    ScaleRewards, StepMetrics,
+    chunk_grpo_loss, group_advantages, grpo_loss, masked_mean, weighted_rewards, CompletionBatch,
+    CompletionLengthMetrics, GrpoLoss, LossInputs, LossMetrics, LossParams, LossType,
+    MicroBatchSize, RewardMetrics, ScaleRewards, StepMetrics,
 };
 use serde_json::Value;
 
@@ -551,6 +551,115 @@ fn bias_corrected_kl_keeps_the_loss_and_changes_the_gradient() {
         "loss with use_bias_correction_kl",
     );
     assert_gradient_matches(&golden, &params, "use_bias_correction_kl");
+}
+
+/// `forward_batch_size`: the golden micro-batch cut into row chunks of every size, each chunk's
+/// loss normalised by the whole micro-batch, gives the whole batch's loss, gradient and metrics
+/// (off-policy ratios, so the clip metrics are not all 0).
+#[test]
+fn chunked_losses_sum_to_the_micro_batch_loss() {
+    let golden = Golden::load();
+    let logp = Var::from_tensor(golden.tensor("grpo.policy_logps")).unwrap();
+    let (rows, width) = logp.dims2().unwrap();
+    let shift: Vec<f32> = (0..rows * width)
+        .map(|i| [-0.3f32, 0.0, 0.3][i % 3])
+        .collect();
+    let old_logp = (logp.as_tensor().detach()
+        + Tensor::from_vec(shift, (rows, width), &Device::Cpu).unwrap())
+    .unwrap();
+    let mask = golden.mask();
+    let (reference, advantages) = (
+        golden.tensor("grpo.ref_logps"),
+        golden.tensor("grpo.advantages"),
+    );
+    let micro_batch = MicroBatchSize::of(&mask).unwrap();
+    for (loss_type, label) in LOSS_TYPES {
+        let params = LossParams {
+            gradient_accumulation_steps: 2,
+            ..golden.params(loss_type)
+        };
+        let loss_of_rows = |start: usize, len: usize| {
+            let rows_of = |t: &Tensor| t.narrow(0, start, len).unwrap();
+            let inputs = LossInputs {
+                logp: &rows_of(logp.as_tensor()),
+                old_logp: &rows_of(&old_logp),
+                ref_logp: Some(&rows_of(reference)),
+                advantages: &rows_of(advantages),
+                mask: &rows_of(&mask),
+            };
+            let loss = chunk_grpo_loss(&inputs, &params, micro_batch).unwrap();
+            let tokens = MicroBatchSize::of(&rows_of(&mask)).unwrap().tokens;
+            let grad = vec2(loss.loss.backward().unwrap().get(logp.as_tensor()).unwrap());
+            (
+                f64::from(loss.loss.to_scalar::<f32>().unwrap()),
+                grad,
+                (loss.metrics, tokens),
+            )
+        };
+        let (whole_loss, whole_grad, (whole_metrics, _)) = loss_of_rows(0, rows);
+        let inputs = LossInputs {
+            logp: logp.as_tensor(),
+            old_logp: &old_logp,
+            ref_logp: Some(reference),
+            advantages,
+            mask: &mask,
+        };
+        let unchunked = grpo_loss(&inputs, &params).unwrap();
+        assert_close(
+            f64::from(unchunked.loss.to_scalar::<f32>().unwrap()),
+            whole_loss,
+            1e-6,
+            0.0,
+            &format!("{label}: one chunk of everything is grpo_loss"),
+        );
+        assert!(
+            whole_metrics.clip_ratio_region_mean > 0.0,
+            "{label}: some tokens clipped"
+        );
+        for size in 1..rows {
+            let chunks: Vec<_> = (0..rows)
+                .step_by(size)
+                .map(|start| loss_of_rows(start, size.min(rows - start)))
+                .collect();
+            let what = format!("{label} in chunks of {size}");
+            let loss: f64 = chunks.iter().map(|c| c.0).sum();
+            assert_close(loss, whole_loss, 1e-5, 1e-8, &format!("{what}: loss"));
+            for (b, row) in whole_grad.iter().enumerate() {
+                for (t, &expected) in row.iter().enumerate() {
+                    let grad: f64 = chunks.iter().map(|c| f64::from(c.1[b][t])).sum();
+                    assert_close(
+                        grad,
+                        f64::from(expected),
+                        1e-5,
+                        1e-9,
+                        &format!("{what}: grad [{b}, {t}]"),
+                    );
+                }
+            }
+            let metrics: Vec<_> = chunks.iter().map(|c| c.2).collect();
+            let combined = LossMetrics::of_chunks(&metrics);
+            for (actual, expected, name) in [
+                (combined.kl.unwrap(), whole_metrics.kl.unwrap(), "kl"),
+                (
+                    combined.clip_ratio_low_mean,
+                    whole_metrics.clip_ratio_low_mean,
+                    "low",
+                ),
+                (
+                    combined.clip_ratio_high_mean,
+                    whole_metrics.clip_ratio_high_mean,
+                    "high",
+                ),
+                (
+                    combined.clip_ratio_region_mean,
+                    whole_metrics.clip_ratio_region_mean,
+                    "region",
+                ),
+            ] {
+                assert_close(actual, expected, 1e-9, 1e-12, &format!("{what}: {name}"));
+            }
+        }
+    }
 }
 
 /// One row of 4 tokens with ratios 0.5, 1.0, 1.5 and a masked 3.0, against a hand computation.

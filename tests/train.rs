@@ -64,17 +64,24 @@ fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
     tensors
 }
 
-/// metrics.jsonl without the wall-clock field.
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
+/// metrics.jsonl as logged.
+fn logged_metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|line| {
-            let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
-            value.as_object_mut().unwrap().remove("step_time");
-            value
-        })
+        .map(|line| serde_json::from_str(line).unwrap())
         .collect()
+}
+
+/// metrics.jsonl without the measured fields (wall clock, memory), which no two runs share.
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    let mut lines = logged_metrics(out);
+    for line in &mut lines {
+        let fields = line.as_object_mut().unwrap();
+        fields.remove("step_time");
+        fields.remove("memory/peak_gib");
+    }
+    lines
 }
 
 #[test]
@@ -291,4 +298,110 @@ fn num_iterations_reuses_each_rollout() {
     let lines = metrics(&out);
     assert_eq!(lines.len(), 2);
     assert_ne!(lines[0]["loss"], lines[1]["loss"]);
+}
+
+/// The largest difference between the updates `after_a - before` and `after_b - before`, relative
+/// to the largest update.
+fn max_relative_update_diff(
+    before: &[(String, Vec<f32>)],
+    after_a: &[(String, Vec<f32>)],
+    after_b: &[(String, Vec<f32>)],
+) -> f64 {
+    let updates = |after: &[(String, Vec<f32>)]| -> Vec<f64> {
+        before
+            .iter()
+            .zip(after)
+            .flat_map(|((_, w0), (_, w))| w0.iter().zip(w).map(|(&x, &y)| f64::from(y - x)))
+            .collect()
+    };
+    let (a, b) = (updates(after_a), updates(after_b));
+    let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(scale > 0.0, "training moved the weights");
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+/// `forward_batch_size` changes how completions are fed to the forward/backward, not the loss,
+/// the gradients or the metrics: slices of a group (1), one group (2) and two groups (4) of a
+/// micro-batch of 3 prompts x 2 completions train like one pass over all 6, for each loss
+/// type. `num_iterations = 2` makes step 2 retrain on step 1's completions (so both runs see
+/// the same completions) with off-policy ratios. A large `adam_epsilon` makes AdamW's update
+/// nearly linear in the gradient (`lr * g / (|g| + eps)`), so comparing updates compares
+/// gradients instead of AdamW's amplified signs of gradients that are 0 up to rounding.
+#[test]
+fn forward_batch_size_changes_neither_loss_nor_gradients() {
+    for loss_type in ["grpo", "bnpo", "dr_grpo", "dapo"] {
+        let run = |forward_batch_size: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(
+                dir.path(),
+                &[
+                    "per_device_train_batch_size=3",
+                    "gradient_accumulation_steps=1",
+                    "num_iterations=2",
+                    "max_steps=2",
+                    "save_steps=100",
+                    "learning_rate=0.5",
+                    "adam_epsilon=1.0",
+                    &format!("loss_type={loss_type}"),
+                    &format!("forward_batch_size={forward_batch_size}"),
+                ],
+            );
+            grpo::train::train(&cfg).unwrap();
+            let out = dir.path().join("out");
+            (metrics(&out), weights(&out.join("model.safetensors")))
+        };
+        let initial = weights(&golden_dir().join("model.safetensors"));
+        let (whole_metrics, whole_weights) = run(0);
+        for size in [1, 2, 4] {
+            let what = format!("{loss_type}, forward_batch_size = {size}");
+            let (chunked_metrics, chunked_weights) = run(size);
+            for (whole, chunked) in whole_metrics.iter().zip(&chunked_metrics) {
+                for key in [
+                    "loss",
+                    "grad_norm",
+                    "kl",
+                    "entropy",
+                    "clip_ratio/region_mean",
+                    "reward",
+                ] {
+                    let (x, y) = (whole[key].as_f64().unwrap(), chunked[key].as_f64().unwrap());
+                    // The loss sums O(1) per-token terms to near 0: f32 noise is ~1e-7 absolute.
+                    assert!(
+                        (x - y).abs() <= 1e-6 + 1e-5 * x.abs(),
+                        "{what}: {key} {y} vs {x} in one pass"
+                    );
+                }
+            }
+            let diff = max_relative_update_diff(&initial, &whole_weights, &chunked_weights);
+            assert!(
+                diff < 1e-4,
+                "{what}: weight updates differ by {diff} (relative)"
+            );
+        }
+    }
+}
+
+/// On Linux the CPU peak is the process's `VmHWM`; other systems log no memory metric.
+#[cfg(target_os = "linux")]
+#[test]
+fn peak_memory_is_logged_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(
+        dir.path(),
+        &["max_steps=2", "forward_batch_size=2"],
+    ))
+    .unwrap();
+    let lines = logged_metrics(&dir.path().join("out"));
+    assert_eq!(lines.len(), 2);
+    for line in lines {
+        let peak = line["memory/peak_gib"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no memory/peak_gib in {line}"));
+        // A tiny model on the CPU: more than a few MiB, less than any machine.
+        assert!(peak > 0.001 && peak < 1024.0, "memory/peak_gib = {peak}");
+    }
 }
