@@ -115,7 +115,7 @@ pub enum DataCommand {
     /// Write a synthetic Chinese arithmetic dataset (train.parquet and test.parquet).
     #[command(
         long_about = "Write a synthetic dataset of Chinese grade-school arithmetic word \
-problems (one or two of + - * /, whole-number answers from 1 to 1000) as OUT/train.parquet and \
+problems (one or two of + - * /, whole-number answers from 1 to --max-answer, default 1000) as OUT/train.parquet and \
 OUT/test.parquet, with the columns of swulling/gsm8k_chinese (question, question_zh-cn, answer, \
 answer_only). The same --seed gives the same files; no question appears in both splits."
     )]
@@ -139,6 +139,10 @@ pub struct SynthArgs {
     /// Random seed; the same seed writes the same problems.
     #[arg(long, value_name = "S", default_value_t = 42)]
     pub seed: u64,
+
+    /// Largest operand, intermediate and final result (at least 100); lower is easier.
+    #[arg(long, value_name = "N", default_value_t = crate::synth::MAX_ANSWER)]
+    pub max_answer: u32,
 }
 
 #[derive(Debug, Args)]
@@ -357,7 +361,8 @@ fn score(args: ScoreArgs) -> Result<()> {
 fn data_synth(args: SynthArgs) -> Result<()> {
     let train = usize::try_from(args.train).context("--train is too large")?;
     let test = usize::try_from(args.test).context("--test is too large")?;
-    crate::synth::write_dataset(&args.out, train, test, args.seed)?;
+    crate::synth::write_dataset(&args.out, train, test, args.seed, args.max_answer)
+        .context("--max-answer")?;
     println!(
         "wrote {train} training and {test} test problems to {}",
         args.out.display()

@@ -5,7 +5,8 @@
 //!
 //! Each problem comes from a sentence template filled with a person, an object with its measure
 //! word (个苹果, 支铅笔, 本练习本, ...), a container or a shop item, and operands drawn from the
-//! template's ranges until every intermediate result is a whole number in `1..=MAX_ANSWER`.
+//! template's ranges until every intermediate result is a whole number in `1..=max_answer`
+//! (default [`MAX_ANSWER`]; a lower bound makes the arithmetic easier, for tiny models).
 //! The `answer` column is a worked solution with GSM8K's `<<a+b=c>>` calculation annotations,
 //! ending with `#### n`; `answer_only` is `n`.
 
@@ -28,8 +29,11 @@ use Op::{Add, Div, Mul, Sub};
 /// The parquet columns, named as in `swulling/gsm8k_chinese`.
 pub const COLUMNS: [&str; 4] = ["question", "question_zh-cn", "answer", "answer_only"];
 
-/// Every intermediate and final result lies in `1..=MAX_ANSWER`, small enough for a tiny model.
+/// The default bound: every intermediate and final result lies in `1..=MAX_ANSWER`.
 pub const MAX_ANSWER: u32 = 1000;
+
+/// The smallest `max_answer` every template can satisfy (and that leaves room for variety).
+pub const MIN_MAX_ANSWER: u32 = 100;
 
 /// The most problems one call generates (the whole set is kept in memory to stay duplicate-free).
 pub const MAX_PROBLEMS: usize = 1_000_000;
@@ -85,8 +89,12 @@ pub struct Problem {
     pub template: usize,
 }
 
-/// `n` distinct problems (no two share `question_zh`), the same for the same `seed`.
-pub fn generate(n: usize, seed: u64) -> Result<Vec<Problem>> {
+/// `n` distinct problems (no two share `question_zh`) whose operands and results are at most
+/// `max_answer`, the same for the same `seed`.
+pub fn generate(n: usize, seed: u64, max_answer: u32) -> Result<Vec<Problem>> {
+    if max_answer < MIN_MAX_ANSWER {
+        bail!("max answer {max_answer} is too small: use at least {MIN_MAX_ANSWER}");
+    }
     if n == 0 {
         bail!("cannot generate 0 problems: ask for at least 1");
     }
@@ -97,7 +105,7 @@ pub fn generate(n: usize, seed: u64) -> Result<Vec<Problem>> {
     let mut seen = HashSet::with_capacity(n);
     let mut problems = Vec::with_capacity(n);
     while problems.len() < n {
-        let problem = random_problem(&mut rng);
+        let problem = random_problem(&mut rng, max_answer);
         if seen.insert(problem.question_zh.clone()) {
             problems.push(problem);
         }
@@ -107,7 +115,13 @@ pub fn generate(n: usize, seed: u64) -> Result<Vec<Problem>> {
 
 /// Writes `train.parquet` (`train` problems) and `test.parquet` (`test` problems) into `dir`,
 /// creating it if needed. The two splits share no question.
-pub fn write_dataset(dir: &Path, train: usize, test: usize, seed: u64) -> Result<()> {
+pub fn write_dataset(
+    dir: &Path,
+    train: usize,
+    test: usize,
+    seed: u64,
+    max_answer: u32,
+) -> Result<()> {
     if train == 0 || test == 0 {
         bail!("the train and test splits need at least 1 problem each (got train {train}, test {test})");
     }
@@ -118,7 +132,7 @@ pub fn write_dataset(dir: &Path, train: usize, test: usize, seed: u64) -> Result
             format!("train {train} + test {test} problems exceed the limit of {MAX_PROBLEMS}")
         })?;
     // One duplicate-free stream split in two keeps the splits disjoint.
-    let mut problems = generate(total, seed)?;
+    let mut problems = generate(total, seed, max_answer)?;
     let test_problems = problems.split_off(train);
     std::fs::create_dir_all(dir).with_context(|| {
         format!(
@@ -481,10 +495,10 @@ const SHOP_ITEMS: [(&str, &str, &str); 8] = [
     ("风筝", "kite", "a kite"),
 ];
 
-fn random_problem(rng: &mut StdRng) -> Problem {
+fn random_problem(rng: &mut StdRng, max_answer: u32) -> Problem {
     let template_index = rng.random_range(0..TEMPLATES.len());
     let template = &TEMPLATES[template_index];
-    let (operands, results) = random_operands(rng, template);
+    let (operands, results) = random_operands(rng, template, max_answer);
 
     let [name, name2] = two_distinct(rng, &NAMES);
     let [item, item2] = two_distinct(rng, &SHOP_ITEMS);
@@ -545,21 +559,22 @@ fn random_problem(rng: &mut StdRng) -> Problem {
     }
 }
 
-/// Operands from the template's ranges, redrawn until every intermediate result is a whole
-/// number in `1..=MAX_ANSWER`; returns the operands and the result after each operation.
-/// Every template's ranges admit such draws (the tests generate from each one).
-fn random_operands(rng: &mut StdRng, template: &Template) -> (Vec<u32>, Vec<u32>) {
+/// Operands from the template's ranges (capped at `max_answer`), redrawn until every
+/// intermediate result is a whole number in `1..=max_answer`; returns the operands and the
+/// result after each operation. Every template's ranges admit such draws for any `max_answer`
+/// of at least [`MIN_MAX_ANSWER`] (the tests generate from each one).
+fn random_operands(rng: &mut StdRng, template: &Template, max_answer: u32) -> (Vec<u32>, Vec<u32>) {
     loop {
         let operands: Vec<u32> = template
             .ranges
             .iter()
-            .map(|&(low, high)| rng.random_range(low..=high))
+            .map(|&(low, high)| rng.random_range(low..=high.min(max_answer)))
             .collect();
         let mut results = Vec::with_capacity(template.ops.len());
         let mut value = operands[0];
         for (op, &right) in template.ops.iter().zip(&operands[1..]) {
             match op.apply(value, right) {
-                Some(result) if (1..=MAX_ANSWER).contains(&result) => value = result,
+                Some(result) if (1..=max_answer).contains(&result) => value = result,
                 _ => break,
             }
             results.push(value);

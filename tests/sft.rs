@@ -20,7 +20,7 @@ use common::golden_dir;
 fn config(dir: &Path, extra: &[&str]) -> Config {
     let data = dir.join("data");
     if !data.exists() {
-        grpo::synth::write_dataset(&data, 16, 4, 3).unwrap();
+        grpo::synth::write_dataset(&data, 16, 4, 3, grpo::synth::MAX_ANSWER).unwrap();
     }
     let mut sets = vec![
         format!("model_name_or_path={}", golden_dir().display()),

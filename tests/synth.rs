@@ -66,7 +66,7 @@ fn annotations(answer: &str) -> Vec<(i64, char, i64, i64)> {
 
 #[test]
 fn every_answer_is_the_arithmetic_of_its_question() {
-    let problems = synth::generate(3000, 7).unwrap();
+    let problems = synth::generate(3000, 7, MAX_ANSWER).unwrap();
     assert_eq!(problems.len(), 3000);
     for problem in &problems {
         let expected =
@@ -128,7 +128,7 @@ fn every_answer_is_the_arithmetic_of_its_question() {
 
 #[test]
 fn draws_from_every_template_with_every_operation() {
-    let problems = synth::generate(3000, 11).unwrap();
+    let problems = synth::generate(3000, 11, MAX_ANSWER).unwrap();
     let templates: HashSet<usize> = problems.iter().map(|p| p.template).collect();
     assert_eq!(templates.len(), TEMPLATE_COUNT);
     const { assert!(TEMPLATE_COUNT >= 15) };
@@ -147,26 +147,44 @@ fn draws_from_every_template_with_every_operation() {
 
 #[test]
 fn same_seed_same_problems_other_seed_other_problems() {
-    let first = synth::generate(200, 3).unwrap();
-    assert_eq!(first, synth::generate(200, 3).unwrap());
-    assert_ne!(first, synth::generate(200, 4).unwrap());
+    let first = synth::generate(200, 3, MAX_ANSWER).unwrap();
+    assert_eq!(first, synth::generate(200, 3, MAX_ANSWER).unwrap());
+    assert_ne!(first, synth::generate(200, 4, MAX_ANSWER).unwrap());
     // A shorter run is a prefix of a longer one with the same seed.
-    assert_eq!(synth::generate(50, 3).unwrap(), first[..50]);
+    assert_eq!(synth::generate(50, 3, MAX_ANSWER).unwrap(), first[..50]);
+}
+
+#[test]
+fn a_lower_max_answer_bounds_operands_and_results_and_keeps_every_template() {
+    let problems = synth::generate(2000, 5, synth::MIN_MAX_ANSWER).unwrap();
+    for problem in &problems {
+        let result = evaluate(problem).unwrap();
+        assert!((1..=100).contains(&result), "{problem:?}");
+        assert!(problem.operands.iter().all(|&n| n <= 100), "{problem:?}");
+    }
+    let templates: HashSet<usize> = problems.iter().map(|p| p.template).collect();
+    assert_eq!(
+        templates.len(),
+        TEMPLATE_COUNT,
+        "every template still occurs"
+    );
+    let error = synth::generate(10, 5, 99).unwrap_err().to_string();
+    assert!(error.contains("99") && error.contains("100"), "{error}");
 }
 
 #[test]
 fn questions_are_unique() {
-    let problems = synth::generate(5000, 1).unwrap();
+    let problems = synth::generate(5000, 1, MAX_ANSWER).unwrap();
     let distinct: HashSet<&str> = problems.iter().map(|p| p.question_zh.as_str()).collect();
     assert_eq!(distinct.len(), problems.len());
 }
 
 #[test]
 fn zero_problems_is_an_error() {
-    let error = synth::generate(0, 1).unwrap_err().to_string();
+    let error = synth::generate(0, 1, MAX_ANSWER).unwrap_err().to_string();
     assert!(error.contains("at least 1"), "{error}");
     let dir = tempfile::tempdir().unwrap();
-    let error = synth::write_dataset(dir.path(), 0, 5, 1)
+    let error = synth::write_dataset(dir.path(), 0, 5, 1, MAX_ANSWER)
         .unwrap_err()
         .to_string();
     assert!(error.contains("train 0"), "{error}");
@@ -210,7 +228,7 @@ fn read_split(path: &Path) -> Vec<Vec<String>> {
 fn writes_disjoint_parquet_splits_that_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("nested/synth");
-    synth::write_dataset(&out, 120, 30, 9).unwrap();
+    synth::write_dataset(&out, 120, 30, 9, MAX_ANSWER).unwrap();
     let train = read_split(&out.join("train.parquet"));
     let test = read_split(&out.join("test.parquet"));
     assert_eq!(train[0].len(), 120);
@@ -221,7 +239,7 @@ fn writes_disjoint_parquet_splits_that_read_back() {
     assert!(test[1].iter().all(|q| !train_questions.contains(q)));
 
     // The rows are the generated problems, train first then test.
-    let problems = synth::generate(150, 9).unwrap();
+    let problems = synth::generate(150, 9, MAX_ANSWER).unwrap();
     for (row, problem) in problems.iter().enumerate() {
         let (split, index) = if row < 120 {
             (&train, row)
