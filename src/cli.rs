@@ -140,7 +140,7 @@ pub struct SynthArgs {
     #[arg(long, value_name = "S", default_value_t = 42)]
     pub seed: u64,
 
-    /// Largest operand, intermediate and final result (at least 100); lower is easier.
+    /// Largest operand, intermediate and final result (at least 20); lower is easier.
     #[arg(long, value_name = "N", default_value_t = crate::synth::MAX_ANSWER)]
     pub max_answer: u32,
 }

@@ -32,8 +32,8 @@ pub const COLUMNS: [&str; 4] = ["question", "question_zh-cn", "answer", "answer_
 /// The default bound: every intermediate and final result lies in `1..=MAX_ANSWER`.
 pub const MAX_ANSWER: u32 = 1000;
 
-/// The smallest `max_answer` every template can satisfy (and that leaves room for variety).
-pub const MIN_MAX_ANSWER: u32 = 100;
+/// The smallest `max_answer` every template can satisfy.
+pub const MIN_MAX_ANSWER: u32 = 20;
 
 /// The most problems one call generates (the whole set is kept in memory to stay duplicate-free).
 pub const MAX_PROBLEMS: usize = 1_000_000;
@@ -559,7 +559,8 @@ fn random_problem(rng: &mut StdRng, max_answer: u32) -> Problem {
     }
 }
 
-/// Operands from the template's ranges (capped at `max_answer`), redrawn until every
+/// Operands from the template's ranges (capped at `max_answer`, lower bounds lowered to at most
+/// half the cap), redrawn until every
 /// intermediate result is a whole number in `1..=max_answer`; returns the operands and the
 /// result after each operation. Every template's ranges admit such draws for any `max_answer`
 /// of at least [`MIN_MAX_ANSWER`] (the tests generate from each one).
@@ -568,7 +569,11 @@ fn random_operands(rng: &mut StdRng, template: &Template, max_answer: u32) -> (V
         let operands: Vec<u32> = template
             .ranges
             .iter()
-            .map(|&(low, high)| rng.random_range(low..=high.min(max_answer)))
+            .map(|&(low, high)| {
+                // Under a low cap, a template's range shrinks to at most [cap / 2, cap].
+                let high = high.min(max_answer);
+                rng.random_range(low.min(high / 2).max(1)..=high)
+            })
             .collect();
         let mut results = Vec::with_capacity(template.ops.len());
         let mut value = operands[0];
