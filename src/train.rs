@@ -333,15 +333,19 @@ impl TrainBatch {
             .step_by(size)
             .map(|start| {
                 let len = size.min(rows - start);
-                let rows_of = |t: &Tensor| t.narrow(0, start, len);
+                // The chunk's rows, cut to its longest completion (masks are prefixes): a
+                // chunk of short completions does not pay for another chunk's long one.
+                let mask = self.mask.narrow(0, start, len)?;
+                let width = (mask.sum(1)?.max(0)?.to_scalar::<f32>()? as usize).max(1);
+                let cut = |t: &Tensor| t.narrow(0, start, len)?.narrow(1, 0, width);
                 let (first_prompt, prompts) = (start / group, len.div_ceil(group));
                 Ok(TrainBatch {
                     prompt_ids: self.prompt_ids.narrow(0, first_prompt, prompts)?,
                     prompt_mask: self.prompt_mask.narrow(0, first_prompt, prompts)?,
-                    completion_ids: rows_of(&self.completion_ids)?,
-                    mask: rows_of(&self.mask)?,
-                    advantages: rows_of(&self.advantages)?,
-                    old_logp: self.old_logp.as_ref().map(rows_of).transpose()?,
+                    completion_ids: cut(&self.completion_ids)?,
+                    mask: cut(&self.mask)?,
+                    advantages: self.advantages.narrow(0, start, len)?,
+                    old_logp: self.old_logp.as_ref().map(cut).transpose()?,
                     group_size: len.min(group),
                 })
             })
@@ -622,4 +626,74 @@ fn log_skipped_batch(output_dir: &Path, step: u64, rollouts: &[Rollout]) -> Resu
         .join(format!("step_{step}.jsonl"));
     write_jsonl(&path, &completion_records(rollouts))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2 prompts x 2 completions whose masks cover 1, 3 | 2, 2 of 4 positions.
+    fn batch() -> TrainBatch {
+        let lengths = [1usize, 3, 2, 2];
+        let mask: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&n| (0..4).map(move |i| if i < n { 1.0 } else { 0.0 }))
+            .collect();
+        let ids: Vec<u32> = (0..16).collect();
+        let device = Device::Cpu;
+        TrainBatch {
+            prompt_ids: Tensor::new(&[[7u32, 8], [9, 10]], &device).unwrap(),
+            prompt_mask: Tensor::ones((2, 2), candle_core::DType::U32, &device).unwrap(),
+            completion_ids: Tensor::from_vec(ids, (4, 4), &device).unwrap(),
+            mask: Tensor::from_vec(mask, (4, 4), &device).unwrap(),
+            advantages: Tensor::new(&[1f32, -1., 0.5, -0.5], &device).unwrap(),
+            old_logp: Some(
+                Tensor::from_vec((0..16).map(|v| v as f32).collect(), (4, 4), &device).unwrap(),
+            ),
+            group_size: 2,
+        }
+    }
+
+    #[test]
+    fn chunks_are_whole_groups_or_slices_cut_to_their_longest_completion() {
+        let whole = batch();
+        let groups = whole.chunks(2).unwrap();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(
+            groups[0].completion_ids.dims(),
+            [2, 3],
+            "longest of 1 and 3"
+        );
+        assert_eq!(groups[1].completion_ids.dims(), [2, 2]);
+        assert_eq!(
+            groups[1].completion_ids.to_vec2::<u32>().unwrap(),
+            [[8, 9], [12, 13]]
+        );
+        assert_eq!(groups[1].prompt_ids.to_vec2::<u32>().unwrap(), [[9, 10]]);
+        assert_eq!(
+            groups[1]
+                .old_logp
+                .as_ref()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            [[8., 9.], [12., 13.]]
+        );
+        assert_eq!(groups[1].advantages.to_vec1::<f32>().unwrap(), [0.5, -0.5]);
+
+        let slices = whole.chunks(1).unwrap();
+        assert_eq!(slices.len(), 4);
+        assert_eq!(slices[0].mask.to_vec2::<f32>().unwrap(), [[1.]]);
+        assert_eq!(slices[1].prompt_ids.to_vec2::<u32>().unwrap(), [[7, 8]]);
+        assert_eq!(slices[1].completion_ids.dims(), [1, 3]);
+        assert_eq!(slices[1].group_size, 1);
+
+        let all = whole.chunks(0).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            all[0].completion_ids.dims(),
+            [4, 4],
+            "the whole micro-batch as it is"
+        );
+    }
 }
