@@ -22,6 +22,7 @@ pub mod plot;
 pub mod progress;
 pub mod prompt;
 pub mod rewards;
+pub mod run;
 pub mod sample;
 pub mod sampling;
 pub mod score;

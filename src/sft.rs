@@ -18,14 +18,14 @@ use regex::Regex;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint;
 use crate::config::Config;
 use crate::data::{normalize_answer, Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
-use crate::metrics::MetricsLog;
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
 use crate::prompt::{left_pad, ChatTokenizer, Prompter};
+use crate::run::Run;
 use crate::sampling::StopTokens;
 use crate::train::total_optimizer_steps;
 
@@ -98,28 +98,8 @@ pub fn sft(cfg: &Config) -> Result<()> {
         AdamWParams::from_config(cfg),
         DecayGrouping::HfTrainer,
     )?;
-    let mut state = TrainerState {
-        max_steps: total_steps as u64,
-        seed: cfg.seed,
-        ..Default::default()
-    };
-    let resume_dir = checkpoint::resume_dir(cfg.resume_from_checkpoint.as_ref(), &output_dir)?;
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::restore(dir, &policy, &mut optimizer)?;
-        info!(
-            "resumed from {} at step {}",
-            dir.display(),
-            state.global_step
-        );
-    }
-    let mut log = MetricsLog::open(
-        &output_dir,
-        cfg.reports_to_tensorboard(),
-        resume_dir.as_ref().map(|_| state.global_step),
-    )?;
-    let model_files = checkpoint::model_side_files(&files)?;
-    checkpoint::stop_on_ctrl_c();
-    let progress = crate::progress::Progress::new(total_steps as u64, state.global_step, "sft");
+    let mut run = Run::start(cfg, &files, &policy, &mut optimizer, total_steps)?;
+    let progress = crate::progress::Progress::new(total_steps as u64, run.state.global_step, "sft");
     info!(
         "supervised fine-tuning {} on {} solutions: {total_steps} steps of {} examples",
         files.source,
@@ -129,13 +109,16 @@ pub fn sft(cfg: &Config) -> Result<()> {
 
     // ---- the loop: one iteration per optimizer step -------------------------------------------
     let mut truncated_targets = 0usize;
-    while state.global_step < total_steps as u64 {
+    while run.state.global_step < total_steps as u64 {
         let started = Instant::now();
-        let step = state.global_step;
+        let step = run.state.global_step;
         let batches = (0..cfg.gradient_accumulation_steps)
             .map(|_| {
-                let examples =
-                    dataset.next_batch(cfg.seed, cfg.per_device_train_batch_size, &mut state.data);
+                let examples = dataset.next_batch(
+                    cfg.seed,
+                    cfg.per_device_train_batch_size,
+                    &mut run.state.data,
+                );
                 let batch = TargetBatch::new(
                     &examples,
                     &prompter,
@@ -164,55 +147,38 @@ pub fn sft(cfg: &Config) -> Result<()> {
         let (grad_norm, applied) =
             optimizer.clipped_step(&mut grads, loss_value, cfg.max_grad_norm, lr)?;
         if !applied {
-            state.skipped_steps += 1;
+            run.state.skipped_steps += 1;
             warn!(
                 "step {}: loss {loss_value} / grad_norm {grad_norm} not finite; step skipped, \
                  weights untouched",
                 step + 1
             );
         }
-        state.global_step += 1;
-        state.epoch = state.data.epoch as f64 + state.data.index as f64 / dataset.len() as f64;
-        state.num_tokens += batches.iter().map(|b| b.seen_tokens).sum::<u64>();
+        run.state.global_step += 1;
+        run.state.epoch =
+            run.state.data.epoch as f64 + run.state.data.index as f64 / dataset.len() as f64;
+        run.state.num_tokens += batches.iter().map(|b| b.seen_tokens).sum::<u64>();
 
         // Log and save.
-        let step = state.global_step;
+        let step = run.state.global_step;
         if cfg.logging_steps > 0 && step % cfg.logging_steps as u64 == 0 {
             let values = json!({
                 "loss": loss_value,
                 "grad_norm": grad_norm,
                 "learning_rate": lr,
-                "num_tokens": state.num_tokens,
+                "num_tokens": run.state.num_tokens,
                 "step_time": started.elapsed().as_secs_f64(),
-                "epoch": state.epoch,
+                "epoch": run.state.epoch,
             });
             let values = values
                 .as_object()
                 .cloned()
                 .context("metrics are an object")?;
-            log.log(step, &values)?;
-            let mut history = values;
-            history.insert("step".into(), step.into());
-            state.log_history.push(history.into());
+            run.log(&values)?;
             progress.log_step(step, &format!("loss {loss_value:.4}"));
         }
         progress.set(step);
-        let stopping = checkpoint::stop_requested();
-        if (cfg.save_steps > 0 && step % cfg.save_steps as u64 == 0) || stopping {
-            let dir = checkpoint::save_training(
-                &output_dir,
-                &policy,
-                &optimizer,
-                &state,
-                &model_files,
-                cfg.save_total_limit,
-            )?;
-            info!("saved {}", dir.display());
-        }
-        if stopping {
-            warn!(
-                "interrupted: stopped after step {step}; resume with resume_from_checkpoint = true"
-            );
+        if run.save_if_due(&policy, &optimizer)? {
             return Ok(());
         }
     }
@@ -224,13 +190,7 @@ pub fn sft(cfg: &Config) -> Result<()> {
             cfg.max_completion_length
         );
     }
-    checkpoint::write_model(
-        &output_dir,
-        &checkpoint::policy_tensors(&policy),
-        &model_files,
-    )?;
-    info!("done: final model in {}", output_dir.display());
-    Ok(())
+    run.finish(&policy)
 }
 
 /// One micro-batch of prompts (left-padded) and their target turns (right-padded).

@@ -26,7 +26,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint;
 use crate::config::Config;
 use crate::data::{Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
@@ -35,11 +35,11 @@ use crate::grpo::{
     LossParams, MicroBatchSize, RewardMetrics, StepMetrics,
 };
 use crate::memory::{self, PeakMemory};
-use crate::metrics::MetricsLog;
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
 use crate::prompt::{left_pad, ChatTokenizer, Prompter};
 use crate::rewards::{Completion, RewardSet};
+use crate::run::Run;
 use crate::sampling::{self, GenerationSpec, SamplingParams, StopTokens};
 
 /// Runs `grpo train` with a validated config.
@@ -73,28 +73,9 @@ pub fn train(cfg: &Config) -> Result<()> {
         AdamWParams::from_config(cfg),
         DecayGrouping::HfTrainer,
     )?;
-    let mut state = TrainerState {
-        max_steps: total_steps as u64,
-        seed: cfg.seed,
-        ..Default::default()
-    };
-    let resume_dir = checkpoint::resume_dir(cfg.resume_from_checkpoint.as_ref(), &output_dir)?;
-    if let Some(dir) = &resume_dir {
-        state = checkpoint::restore(dir, &policy, &mut optimizer)?;
-        info!(
-            "resumed from {} at step {}",
-            dir.display(),
-            state.global_step
-        );
-    }
-    let mut log = MetricsLog::open(
-        &output_dir,
-        cfg.reports_to_tensorboard(),
-        resume_dir.as_ref().map(|_| state.global_step),
-    )?;
-    let model_files = checkpoint::model_side_files(&files)?;
-    checkpoint::stop_on_ctrl_c();
-    let progress = crate::progress::Progress::new(total_steps as u64, state.global_step, "train");
+    let mut run = Run::start(cfg, &files, &policy, &mut optimizer, total_steps)?;
+    let progress =
+        crate::progress::Progress::new(total_steps as u64, run.state.global_step, "train");
     let sampling_params = SamplingParams::from_config(cfg);
     info!(
         "training {} on {} prompts: {total_steps} steps of {} prompts x {} completions",
@@ -107,9 +88,9 @@ pub fn train(cfg: &Config) -> Result<()> {
     // ---- the loop: one iteration per optimizer step -------------------------------------------
     let mut rollouts: Vec<Rollout> = Vec::new();
     let mut memory = PeakMemory::new(&device);
-    while state.global_step < total_steps as u64 {
+    while run.state.global_step < total_steps as u64 {
         let started = Instant::now();
-        let step = state.global_step;
+        let step = run.state.global_step;
         memory.reset();
 
         // 1-3. sample completions, score them, compute advantages (reused for num_iterations
@@ -122,7 +103,7 @@ pub fn train(cfg: &Config) -> Result<()> {
                     let examples = dataset.next_batch(
                         cfg.seed,
                         cfg.per_device_train_batch_size,
-                        &mut state.data,
+                        &mut run.state.data,
                     );
                     let spec = GenerationSpec {
                         group_size: cfg.num_generations,
@@ -176,7 +157,7 @@ pub fn train(cfg: &Config) -> Result<()> {
         let (grad_norm, applied) =
             optimizer.clipped_step(&mut grads, loss_value, cfg.max_grad_norm, lr)?;
         if !applied {
-            state.skipped_steps += 1;
+            run.state.skipped_steps += 1;
             let file = log_skipped_batch(&output_dir, step + 1, &rollouts)?;
             warn!(
                 "step {}: loss {loss_value} / grad_norm {grad_norm} not finite; step skipped, \
@@ -185,9 +166,10 @@ pub fn train(cfg: &Config) -> Result<()> {
                 file.display()
             );
         }
-        state.global_step += 1;
-        state.epoch = state.data.epoch as f64 + state.data.index as f64 / dataset.len() as f64;
-        state.num_tokens += rollouts.iter().map(Rollout::num_tokens).sum::<u64>();
+        run.state.global_step += 1;
+        run.state.epoch =
+            run.state.data.epoch as f64 + run.state.data.index as f64 / dataset.len() as f64;
+        run.state.num_tokens += rollouts.iter().map(Rollout::num_tokens).sum::<u64>();
 
         // 6. log and save.
         let metrics = step_metrics(
@@ -197,26 +179,23 @@ pub fn train(cfg: &Config) -> Result<()> {
                 loss: loss_value,
                 grad_norm,
                 lr,
-                num_tokens: state.num_tokens,
+                num_tokens: run.state.num_tokens,
                 step_time: started.elapsed().as_secs_f64(),
             },
             &micro_metrics,
             &entropy,
         )?;
-        let step = state.global_step;
+        let step = run.state.global_step;
         if cfg.logging_steps > 0 && step % cfg.logging_steps as u64 == 0 {
             let mut values = serde_json::to_value(&metrics)?
                 .as_object()
                 .cloned()
                 .context("step metrics serialise to an object")?;
-            values.insert("epoch".into(), state.epoch.into());
+            values.insert("epoch".into(), run.state.epoch.into());
             if let Some(peak) = memory.peak_gib() {
                 values.insert(memory::PEAK_METRIC.into(), peak.into());
             }
-            log.log(step, &values)?;
-            let mut history = values.clone();
-            history.insert("step".into(), step.into());
-            state.log_history.push(history.into());
+            run.log(&values)?;
             progress.log_step(
                 step,
                 &format!(
@@ -230,34 +209,12 @@ pub fn train(cfg: &Config) -> Result<()> {
             write_completions(&output_dir, step, &rollouts)?;
         }
         progress.set(step);
-        let stopping = checkpoint::stop_requested();
-        let scheduled = cfg.save_steps > 0 && step % cfg.save_steps as u64 == 0;
-        if scheduled || stopping {
-            let dir = checkpoint::save_training(
-                &output_dir,
-                &policy,
-                &optimizer,
-                &state,
-                &model_files,
-                cfg.save_total_limit,
-            )?;
-            info!("saved {}", dir.display());
-        }
-        if stopping {
-            warn!(
-                "interrupted: stopped after step {step}; resume with resume_from_checkpoint = true"
-            );
+        if run.save_if_due(&policy, &optimizer)? {
             return Ok(());
         }
     }
     progress.finish();
-    checkpoint::write_model(
-        &output_dir,
-        &checkpoint::policy_tensors(&policy),
-        &model_files,
-    )?;
-    info!("done: final model in {}", output_dir.display());
-    Ok(())
+    run.finish(&policy)
 }
 
 /// One micro-batch of sampled experience: prompts, completions, rewards and advantages.

@@ -1,0 +1,113 @@
+//! What `grpo train` and `grpo sft` share around their loops: starting fresh or from
+//! `resume_from_checkpoint`, the metrics log and `log_history`, saving on `save_steps` or on
+//! Ctrl-C, and writing the final model.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::Config;
+use crate::metrics::{MetricsLog, StepMetrics};
+use crate::model::{ModelFiles, Qwen2};
+use crate::optim::AdamW;
+
+/// One training run's progress and outputs.
+pub struct Run {
+    pub state: TrainerState,
+    output_dir: PathBuf,
+    log: MetricsLog,
+    model_files: Vec<PathBuf>,
+    save_steps: usize,
+    save_total_limit: Option<usize>,
+}
+
+impl Run {
+    /// Starts the run of `total_steps` optimizer steps: restores the policy, the optimiser and
+    /// the progress from `resume_from_checkpoint` when set, opens the metrics log, and makes
+    /// Ctrl-C stop the loop cleanly.
+    pub fn start(
+        cfg: &Config,
+        files: &ModelFiles,
+        policy: &Qwen2,
+        optimizer: &mut AdamW,
+        total_steps: usize,
+    ) -> Result<Run> {
+        let output_dir = PathBuf::from(&cfg.output_dir);
+        let mut state = TrainerState {
+            max_steps: total_steps as u64,
+            seed: cfg.seed,
+            ..Default::default()
+        };
+        let resume_dir = checkpoint::resume_dir(cfg.resume_from_checkpoint.as_ref(), &output_dir)?;
+        if let Some(dir) = &resume_dir {
+            state = checkpoint::restore(dir, policy, optimizer)?;
+            info!(
+                "resumed from {} at step {}",
+                dir.display(),
+                state.global_step
+            );
+        }
+        let log = MetricsLog::open(
+            &output_dir,
+            cfg.reports_to_tensorboard(),
+            resume_dir.as_ref().map(|_| state.global_step),
+        )?;
+        checkpoint::stop_on_ctrl_c();
+        Ok(Run {
+            state,
+            model_files: checkpoint::model_side_files(files)?,
+            output_dir,
+            log,
+            save_steps: cfg.save_steps,
+            save_total_limit: cfg.save_total_limit,
+        })
+    }
+
+    /// Logs the step just done (`state.global_step`) to metrics.jsonl, TensorBoard and
+    /// `log_history`.
+    pub fn log(&mut self, values: &StepMetrics) -> Result<()> {
+        let step = self.state.global_step;
+        self.log.log(step, values)?;
+        let mut history = values.clone();
+        history.insert("step".into(), step.into());
+        self.state.log_history.push(history.into());
+        Ok(())
+    }
+
+    /// Saves a checkpoint when `save_steps` says so or Ctrl-C was pressed; returns whether the
+    /// loop must stop (Ctrl-C).
+    pub fn save_if_due(&self, policy: &Qwen2, optimizer: &AdamW) -> Result<bool> {
+        let step = self.state.global_step;
+        let stopping = checkpoint::stop_requested();
+        if (self.save_steps > 0 && step % self.save_steps as u64 == 0) || stopping {
+            let dir = checkpoint::save_training(
+                &self.output_dir,
+                policy,
+                optimizer,
+                &self.state,
+                &self.model_files,
+                self.save_total_limit,
+            )?;
+            info!("saved {}", dir.display());
+        }
+        if stopping {
+            warn!(
+                "interrupted: stopped after step {step}; resume with resume_from_checkpoint = true"
+            );
+        }
+        Ok(stopping)
+    }
+
+    /// Writes the trained model into `output_dir` as an HF folder.
+    pub fn finish(&self, policy: &Qwen2) -> Result<()> {
+        checkpoint::write_model(
+            &self.output_dir,
+            &checkpoint::policy_tensors(policy),
+            &self.model_files,
+        )?;
+        info!("done: final model in {}", self.output_dir.display());
+        Ok(())
+    }
+}
