@@ -216,8 +216,7 @@ impl Generator {
         let stop = StopTokens::resolve(&files, &tokenizer)?;
         let model = Qwen2::load_reference(&files, &runtime.device)?
             .with_compute_dtype(runtime.compute_dtype)?;
-        let system_prompt = Some(config.system_prompt.clone()).filter(|s| !s.is_empty());
-        let prompter = Prompter::new(Arc::new(tokenizer), system_prompt, config.max_prompt_length)?;
+        let prompter = Prompter::from_config(Arc::new(tokenizer), config)?;
         tracing::info!(
             "loaded {model_name_or_path} ({} layers, vocab {}) on {runtime}",
             files.config.num_hidden_layers,

@@ -58,11 +58,7 @@ pub fn sft(cfg: &Config) -> Result<()> {
     checkpoint::ensure_writable(&output_dir)?;
     let files = ModelFiles::resolve(&cfg.model_name_or_path, &cfg.model_revision)?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
-    let prompter = Prompter::new(
-        tokenizer.clone(),
-        Some(cfg.system_prompt.clone()).filter(|s| !s.is_empty()),
-        cfg.max_prompt_length,
-    )?;
+    let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;
     let stop = StopTokens::resolve(&files, &tokenizer)?;
     let end_of_turn = tokenizer
         .token_to_id("<|im_end|>")

@@ -51,11 +51,7 @@ pub fn train(cfg: &Config) -> Result<()> {
     checkpoint::ensure_writable(&output_dir)?;
     let files = ModelFiles::resolve(&cfg.model_name_or_path, &cfg.model_revision)?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
-    let prompter = Prompter::new(
-        tokenizer.clone(),
-        Some(cfg.system_prompt.clone()).filter(|s| !s.is_empty()),
-        cfg.max_prompt_length,
-    )?;
+    let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;
     let policy = Qwen2::load_policy(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?;
     let reference = match cfg.beta {
         0.0 => None,
