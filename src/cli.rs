@@ -151,9 +151,16 @@ pub struct PlotArgs {
     #[arg(value_name = "OUTPUT_DIR")]
     pub output_dir: PathBuf,
 
-    /// SVG file to write (default: OUTPUT_DIR/curves.svg).
+    /// SVG file to write (default: OUTPUT_DIR/curves.svg, or OUTPUT_DIR/timings.svg with
+    /// --timings).
     #[arg(long, value_name = "FILE.svg")]
     pub out: Option<PathBuf>,
+
+    /// Plot where each step's time went (timing/generation, timing/policy, timing/reference,
+    /// timing/optimizer, timing/rewards, generation/tokens_per_second) instead of reward,
+    /// accuracy, KL and loss.
+    #[arg(long)]
+    pub timings: bool,
 }
 
 /// How a command finds its configuration.
@@ -264,6 +271,7 @@ pub fn main() -> ExitCode {
     // Usage errors exit here with clap's code 2; --help and --version with 0.
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    crate::memory::reuse_freed_memory();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -371,7 +379,11 @@ fn data_synth(args: SynthArgs) -> Result<()> {
 }
 
 fn plot(args: PlotArgs) -> Result<()> {
-    let written = crate::plot::plot(&args.output_dir, args.out.as_deref())?;
+    let panels = match args.timings {
+        true => crate::plot::Panels::Timings,
+        false => crate::plot::Panels::Training,
+    };
+    let written = crate::plot::plot(&args.output_dir, args.out.as_deref(), panels)?;
     println!("wrote {}", written.display());
     Ok(())
 }

@@ -28,4 +28,5 @@ pub mod sampling;
 pub mod score;
 pub mod sft;
 pub mod synth;
+pub mod timing;
 pub mod train;

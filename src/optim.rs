@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Storage, Tensor, Var};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -71,9 +71,7 @@ impl Gradients {
     pub fn global_norm(&self) -> Result<f64> {
         let mut squares = 0.0;
         for (name, grad) in &self.by_name {
-            squares += grad
-                .to_dtype(DType::F64)
-                .and_then(|g| g.sqr()?.sum_all()?.to_scalar::<f64>())
+            squares += sum_of_squares(grad)
                 .with_context(|| format!("cannot take the norm of the gradient of {name}"))?;
         }
         Ok(squares.sqrt())
@@ -253,19 +251,45 @@ impl AdamW {
             );
             let grad = grad.to_dtype(DType::F32)?;
             param.step += 1;
-            let mut value = param.var.as_tensor().clone();
-            if param.weight_decay != 0.0 {
-                value = (value * (1.0 - lr * param.weight_decay))?;
-            }
-            // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq = beta2 * v + (1 - beta2) * g².
-            param.exp_avg = (&param.exp_avg + ((&grad - &param.exp_avg)? * (1.0 - beta1))?)?;
-            param.exp_avg_sq = ((&param.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let step = i32::try_from(param.step).context("more than 2^31 AdamW steps")?;
-            let bias_correction1 = 1.0 - beta1.powi(step);
-            let bias_correction2_sqrt = (1.0 - beta2.powi(step)).sqrt();
-            let denom = ((param.exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + eps)?;
-            let update = ((&param.exp_avg / denom)? * (lr / bias_correction1))?;
-            param.var.set(&(value - update)?)?;
+            let update = Update {
+                beta1: beta1 as f32,
+                beta2: beta2 as f32,
+                eps: eps as f32,
+                decay: (1.0 - lr * param.weight_decay) as f32,
+                step_size: (lr / (1.0 - beta1.powi(step))) as f32,
+                bias_correction2_sqrt: (1.0 - beta2.powi(step)).sqrt() as f32,
+            };
+            let fused = [
+                param.var.as_tensor(),
+                &grad,
+                &param.exp_avg,
+                &param.exp_avg_sq,
+            ]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.is_contiguous());
+            if fused {
+                // In place, one pass per moment and one for the weights.
+                param
+                    .exp_avg
+                    .inplace_op2(&grad, &MomentUpdate::Average(update))?;
+                param
+                    .exp_avg_sq
+                    .inplace_op2(&grad, &MomentUpdate::Square(update))?;
+                param
+                    .var
+                    .as_tensor()
+                    .inplace_op3(&param.exp_avg, &param.exp_avg_sq, &update)?;
+            } else {
+                // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq = beta2 * v + (1 - beta2) * g².
+                let value = (param.var.as_tensor() * f64::from(update.decay))?;
+                param.exp_avg = (&param.exp_avg + ((&grad - &param.exp_avg)? * (1.0 - beta1))?)?;
+                param.exp_avg_sq = ((&param.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+                let denom =
+                    ((param.exp_avg_sq.sqrt()? / f64::from(update.bias_correction2_sqrt))? + eps)?;
+                let step_update = ((&param.exp_avg / denom)? * f64::from(update.step_size))?;
+                param.var.set(&(value - step_update)?)?;
+            }
         }
         Ok(())
     }
@@ -413,5 +437,157 @@ impl LrSchedule {
                 (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused CPU kernels of the optimizer step
+// ---------------------------------------------------------------------------------------------
+
+/// `sum(x^2)` of a tensor, accumulated in f64 (on the CPU in one pass, without an f64 copy).
+fn sum_of_squares(x: &Tensor) -> Result<f64> {
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            use rayon::prelude::*;
+            return Ok(data[start..end]
+                .par_chunks(1 << 16)
+                .map(|chunk| {
+                    chunk
+                        .iter()
+                        .map(|&v| f64::from(v) * f64::from(v))
+                        .sum::<f64>()
+                })
+                .sum());
+        }
+    }
+    Ok(x.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?)
+}
+
+/// The scalars of one AdamW update of one parameter, in f32 as the element-wise ops use them.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    /// `1 - lr * weight_decay`.
+    decay: f32,
+    /// `lr / (1 - beta1^step)`.
+    step_size: f32,
+    /// `sqrt(1 - beta2^step)`.
+    bias_correction2_sqrt: f32,
+}
+
+/// In-place moment updates over `(moment, grad)`: torch's `exp_avg.lerp_(grad, 1 - beta1)` and
+/// `exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)`.
+enum MomentUpdate {
+    Average(Update),
+    Square(Update),
+}
+
+/// The f32 slice of a contiguous CPU tensor argument of the fused optimizer kernels.
+fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("the fused AdamW kernels take contiguous f32 tensors"),
+    }
+}
+
+fn cpu_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("the fused AdamW kernels take contiguous f32 tensors"),
+    }
+}
+
+/// Elements per parallel task of the optimizer kernels.
+const OPTIMIZER_CHUNK: usize = 1 << 16;
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        moment: &mut CpuStorage,
+        moment_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let moment = cpu_f32_mut(moment, moment_layout)?;
+        let grad = cpu_f32(grad, grad_layout)?;
+        if moment.len() != grad.len() {
+            candle_core::bail!(
+                "adamw-moment: {} moments, {} gradients",
+                moment.len(),
+                grad.len()
+            );
+        }
+        let chunks = moment
+            .par_chunks_mut(OPTIMIZER_CHUNK)
+            .zip(grad.par_chunks(OPTIMIZER_CHUNK));
+        match *self {
+            MomentUpdate::Average(u) => chunks.for_each(|(m, g)| {
+                let weight = 1.0 - u.beta1;
+                m.iter_mut()
+                    .zip(g)
+                    .for_each(|(m, g)| *m += (g - *m) * weight);
+            }),
+            MomentUpdate::Square(u) => chunks.for_each(|(v, g)| {
+                let weight = 1.0 - u.beta2;
+                v.iter_mut()
+                    .zip(g)
+                    .for_each(|(v, g)| *v = *v * u.beta2 + g * g * weight);
+            }),
+        }
+        Ok(())
+    }
+}
+
+/// The in-place weight update over `(param, exp_avg, exp_avg_sq)`:
+/// `p = p * (1 - lr * wd) - step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`.
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        param: &mut CpuStorage,
+        param_layout: &Layout,
+        exp_avg: &CpuStorage,
+        exp_avg_layout: &Layout,
+        exp_avg_sq: &CpuStorage,
+        exp_avg_sq_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let param = cpu_f32_mut(param, param_layout)?;
+        let exp_avg = cpu_f32(exp_avg, exp_avg_layout)?;
+        let exp_avg_sq = cpu_f32(exp_avg_sq, exp_avg_sq_layout)?;
+        if param.len() != exp_avg.len() || param.len() != exp_avg_sq.len() {
+            candle_core::bail!("adamw-update: parameter and moments differ in size");
+        }
+        let u = *self;
+        param
+            .par_chunks_mut(OPTIMIZER_CHUNK)
+            .zip(exp_avg.par_chunks(OPTIMIZER_CHUNK))
+            .zip(exp_avg_sq.par_chunks(OPTIMIZER_CHUNK))
+            .for_each(|((p, m), v)| {
+                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() / u.bias_correction2_sqrt + u.eps;
+                    *p = *p * u.decay - m / denom * u.step_size;
+                }
+            });
+        Ok(())
     }
 }

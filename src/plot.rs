@@ -1,6 +1,7 @@
 //! Training curves as a hand-written SVG (`grpo plot`): reads `OUTPUT_DIR/metrics.jsonl` and
-//! draws one panel each for `reward`, accuracy (`rewards/correctness/mean`), `kl` and `loss`,
-//! skipping those the run did not log. Each panel shows the raw values as a light line and an
+//! draws one panel each for `reward`, accuracy (`rewards/correctness/mean`), `kl` and `loss`
+//! ([`Panels::Training`]), or for the seconds of each phase of a step and the generation
+//! throughput ([`Panels::Timings`]), skipping those the run did not log. Each panel shows the raw values as a light line and an
 //! exponential moving average over them (TensorBoard's debiased smoothing) as a strong one.
 
 use std::fmt::Write as _;
@@ -16,6 +17,45 @@ pub const PANELS: [(&str, &str, &str); 4] = [
     ("loss", "loss", "#9467bd"),
 ];
 
+/// The phase timings of a step (`timing/*`, see `crate::timing`), in drawing order.
+pub const TIMING_PANELS: [(&str, &str, &str); 6] = [
+    ("timing/generation", "generation (s)", "#1f77b4"),
+    ("timing/policy", "policy forward + backward (s)", "#ff7f0e"),
+    ("timing/reference", "reference forward (s)", "#2ca02c"),
+    ("timing/optimizer", "optimizer (s)", "#d62728"),
+    ("timing/rewards", "rewards (s)", "#9467bd"),
+    (
+        "generation/tokens_per_second",
+        "generated tokens / s",
+        "#8c564b",
+    ),
+];
+
+/// Which set of curves to draw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Panels {
+    /// Reward, accuracy, KL and loss ([`PANELS`]), into `curves.svg` by default.
+    Training,
+    /// Where each step's time goes ([`TIMING_PANELS`]), into `timings.svg` by default.
+    Timings,
+}
+
+impl Panels {
+    fn list(self) -> &'static [(&'static str, &'static str, &'static str)] {
+        match self {
+            Panels::Training => &PANELS,
+            Panels::Timings => &TIMING_PANELS,
+        }
+    }
+
+    fn default_file(self) -> &'static str {
+        match self {
+            Panels::Training => "curves.svg",
+            Panels::Timings => "timings.svg",
+        }
+    }
+}
+
 /// Weight of the previous smoothed value in the moving average (TensorBoard's "smoothing").
 pub const EMA_WEIGHT: f64 = 0.6;
 
@@ -28,28 +68,29 @@ pub struct Curve {
     pub points: Vec<(f64, f64)>,
 }
 
-/// Reads `output_dir/metrics.jsonl` and writes its curves to `out` (default
-/// `output_dir/curves.svg`); returns the path written.
-pub fn plot(output_dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
+/// Reads `output_dir/metrics.jsonl` and writes the curves of `panels` to `out` (default
+/// `output_dir/curves.svg` or `output_dir/timings.svg`); returns the path written.
+pub fn plot(output_dir: &Path, out: Option<&Path>, panels: Panels) -> Result<PathBuf> {
     let metrics = output_dir.join("metrics.jsonl");
-    let curves = read_curves(&metrics)?;
-    let out = out.map_or_else(|| output_dir.join("curves.svg"), Path::to_path_buf);
+    let curves = read_curves(&metrics, panels)?;
+    let out = out.map_or_else(|| output_dir.join(panels.default_file()), Path::to_path_buf);
     std::fs::write(&out, render_svg(&curves))
         .with_context(|| format!("cannot write the plot to {}", out.display()))?;
     Ok(out)
 }
 
-/// The curves of [`PANELS`] that `metrics` (a metrics.jsonl file) logs at least once, in panel
+/// The curves of `panels` that `metrics` (a metrics.jsonl file) logs at least once, in panel
 /// order. Lines must be JSON objects with a numeric `step`; values that are not numbers are
 /// skipped.
-pub fn read_curves(metrics: &Path) -> Result<Vec<Curve>> {
+pub fn read_curves(metrics: &Path, panels: Panels) -> Result<Vec<Curve>> {
     let text = std::fs::read_to_string(metrics).with_context(|| {
         format!(
             "cannot read {}: give the output_dir of a training run, which logs metrics.jsonl",
             metrics.display()
         )
     })?;
-    let mut curves: Vec<Curve> = PANELS
+    let mut curves: Vec<Curve> = panels
+        .list()
         .iter()
         .map(|&(key, title, color)| Curve {
             key,
@@ -95,7 +136,7 @@ pub fn read_curves(metrics: &Path) -> Result<Vec<Curve>> {
     }
     curves.retain(|curve| !curve.points.is_empty());
     if curves.is_empty() {
-        let keys: Vec<&str> = PANELS.iter().map(|(key, _, _)| *key).collect();
+        let keys: Vec<&str> = panels.list().iter().map(|(key, _, _)| *key).collect();
         bail!(
             "{} logs none of the plotted metrics ({})",
             metrics.display(),

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
@@ -199,6 +199,8 @@ pub struct Generator {
     prompter: Prompter,
     stop: StopTokens,
     max_new_tokens: usize,
+    /// The model folder or hub id, named in errors.
+    source: String,
 }
 
 impl Generator {
@@ -227,6 +229,7 @@ impl Generator {
             prompter,
             stop,
             max_new_tokens: config.max_completion_length,
+            source: model_name_or_path.to_owned(),
         })
     }
 
@@ -250,7 +253,8 @@ impl Generator {
             params,
             seed,
         };
-        let completions = generate(&self.model, &prompts, &spec)?;
+        let completions = generate(&self.model, &prompts, &spec)
+            .with_context(|| format!("sampling from the model {}", self.source))?;
         let tokenizer = self.prompter.tokenizer();
         completions
             .ids

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::config::Config;
-use crate::model::{position_ids_from_mask, KvCache, ModelFiles, Qwen2};
+use crate::model::{position_ids_from_mask, ModelFiles, Qwen2};
 use crate::prompt::{left_pad, ChatTokenizer};
 
 /// How the next token is chosen. Field meanings and defaults are TRL's `GRPOConfig`'s.
@@ -229,11 +229,14 @@ pub struct GenerationSpec {
 /// prefilled once; its KV cache is repeated to its G rows; rows stop at their first EOS.
 ///
 /// All prompts run as one left-padded batch: one prefill forward `[B, P]`, then one decode
-/// forward `[B * G, 1]` per new token over a cache preallocated for `P + max_new_tokens`
-/// positions. Logits come back to the CPU as f32 one step at a time and each row chooses its
-/// token with its own [`TokenChooser`]; the repetition penalty sees the row's prompt and its
-/// tokens so far. Finished rows keep being fed `pad_id` (their outputs are ignored) and the loop
-/// stops as soon as every row is finished.
+/// forward `[rows, 1]` per new token over the rows still generating, with a cache in the
+/// model's compute dtype preallocated for `P + max_new_tokens` positions and written in place.
+/// Only the last position's logits are computed. Each row chooses its token with its own
+/// [`TokenChooser`] (the repetition penalty sees the row's prompt and its tokens so far). A row
+/// that has finished leaves the batch (its cache rows are dropped) so it costs nothing more; the
+/// loop stops when every row has finished.
+///
+/// Non-finite logits (NaN or infinite, e.g. from NaN weights) are an error, not a token.
 pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> Result<Completions> {
     ensure!(
         spec.group_size > 0,
@@ -266,12 +269,7 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
     let prompt_width = padded.width();
     let ids = Tensor::new(padded.ids.clone(), &device)?;
     let mask = Tensor::new(padded.mask.clone(), &device)?;
-    let mut cache = KvCache::new(
-        model.config(),
-        prompts.len(),
-        prompt_width + spec.max_new_tokens,
-        &device,
-    )?;
+    let mut cache = model.new_cache(prompts.len(), prompt_width + spec.max_new_tokens)?;
     let hidden = model
         .forward(
             &ids,
@@ -280,49 +278,60 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
             Some(&mut cache),
         )
         .context("prefilling the prompts")?;
-    let prompt_logits = last_token_logits(model, &hidden)?;
     // Row r * G + g starts from prompt r's last-token logits and its cache row.
-    let mut logits: Vec<Vec<f32>> = prompt_logits
+    let mut logits: Vec<Vec<f32>> = last_token_logits(model, &hidden)?
         .into_iter()
         .flat_map(|row| std::iter::repeat_n(row, spec.group_size))
         .collect();
     let mut cache = cache.repeat_rows(spec.group_size)?;
-    let key_mask_prefix: Vec<&[u32]> = padded
-        .mask
-        .iter()
-        .flat_map(|row| std::iter::repeat_n(row.as_slice(), spec.group_size))
-        .collect();
+    // The rows of the batch (and of the cache), in order; finished rows leave it.
+    let mut active: Vec<usize> = (0..rows.len()).collect();
 
     for step in 0..spec.max_new_tokens {
-        for (row, row_logits) in rows.iter_mut().zip(logits.iter_mut()) {
-            row.advance(row_logits, &spec.eos_ids);
+        for (&row, row_logits) in active.iter().zip(logits.iter_mut()) {
+            if let Some(bad) = row_logits.iter().find(|x| !x.is_finite()) {
+                bail!(
+                    "the model produced non-finite logits ({bad}) for completion {row} at new \
+                     token {}: its weights or activations are not finite",
+                    step + 1
+                );
+            }
+            rows[row].advance(row_logits, &spec.eos_ids);
         }
-        if step + 1 == spec.max_new_tokens || rows.iter().all(|row| row.finished) {
+        let still_active: Vec<usize> = (0..active.len())
+            .filter(|&i| !rows[active[i]].finished)
+            .collect();
+        if step + 1 == spec.max_new_tokens || still_active.is_empty() {
             break;
         }
-        // Feed each row its new token (pad when finished) at the position after its last one;
-        // it sees its prompt's real tokens and every generated position.
-        let next_ids: Vec<u32> = rows
+        if still_active.len() < active.len() {
+            let keep = Tensor::new(
+                still_active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                &device,
+            )?;
+            cache = cache.select_rows(&keep)?;
+            active = still_active.iter().map(|&i| active[i]).collect();
+        }
+        // Feed each row its new token at the position after its last one; it sees its
+        // prompt's real tokens and every generated position.
+        let next_ids: Vec<u32> = active
             .iter()
-            .map(|row| match row.finished {
-                true => spec.pad_id,
-                false => *row.history.last().unwrap_or(&spec.pad_id),
-            })
+            .map(|&row| *rows[row].history.last().unwrap_or(&spec.pad_id))
             .collect();
-        let positions: Vec<i64> = rows
+        let positions: Vec<i64> = active
             .iter()
-            .map(|row| (row.prompt_len + step) as i64)
+            .map(|&row| (rows[row].prompt_len + step) as i64)
             .collect();
-        let key_mask: Vec<u32> = key_mask_prefix
+        let key_mask: Vec<u32> = active
             .iter()
-            .flat_map(|prefix| {
-                prefix
+            .flat_map(|&row| {
+                padded.mask[row / spec.group_size]
                     .iter()
                     .copied()
                     .chain(std::iter::repeat_n(1, step + 1))
             })
             .collect();
-        let batch = rows.len();
+        let batch = active.len();
         let hidden = model
             .forward(
                 &Tensor::from_vec(next_ids, (batch, 1), &device)?,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tracing::{info, warn};
 
 use crate::checkpoint;
@@ -41,6 +41,7 @@ use crate::prompt::{left_pad, ChatTokenizer, Prompter};
 use crate::rewards::{Completion, RewardSet};
 use crate::run::Run;
 use crate::sampling::{self, GenerationSpec, SamplingParams, StopTokens};
+use crate::timing::{PhaseTimes, Stopwatch};
 
 /// Runs `grpo train` with a validated config.
 pub fn train(cfg: &Config) -> Result<()> {
@@ -83,17 +84,22 @@ pub fn train(cfg: &Config) -> Result<()> {
 
     // ---- the loop: one iteration per optimizer step -------------------------------------------
     let mut rollouts: Vec<Rollout> = Vec::new();
-    let mut memory = PeakMemory::new(&device);
+    let mut meters = Meters {
+        memory: PeakMemory::new(&device),
+        stopwatch: Stopwatch::new(&device),
+    };
     while run.state.global_step < total_steps as u64 {
         let started = Instant::now();
         let step = run.state.global_step;
-        memory.reset();
+        meters.memory.reset();
+        let mut times = PhaseTimes::default();
 
         // 1-3. sample completions, score them, compute advantages (reused for num_iterations
         // steps, with the sampling-time log-probs as the old policy, as TRL does).
         if step % cfg.num_iterations as u64 == 0 || rollouts.is_empty() {
             // Sampling needs no graph: a frozen copy in the compute dtype, cast once per step.
             let sampler = policy.inference_copy()?;
+            let mut generated_tokens = 0;
             rollouts = (0..cfg.gradient_accumulation_steps)
                 .map(|micro| {
                     let examples = dataset.next_batch(
@@ -109,12 +115,23 @@ pub fn train(cfg: &Config) -> Result<()> {
                         params: sampling_params,
                         seed: derive_seed(cfg.seed, step, micro as u64),
                     };
-                    rollout(
-                        &sampler, &prompter, &rewards, &examples, &spec, cfg, &device,
+                    let (rollout, rollout_times) = rollout(
+                        &sampler,
+                        &prompter,
+                        &rewards,
+                        &examples,
+                        &spec,
+                        cfg,
+                        &meters.stopwatch,
                     )
+                    .with_context(|| format!("step {}: sampling the rollout", step + 1))?;
+                    times.add(&rollout_times);
+                    generated_tokens += rollout.completions.lengths.iter().sum::<usize>();
+                    Ok(rollout)
                 })
                 .collect::<Result<_>>()?;
-            memory.sample();
+            times.set_generated_tokens(generated_tokens);
+            meters.memory.sample();
         }
 
         // 4. loss and gradients, micro-batch by micro-batch, chunk by chunk.
@@ -141,8 +158,9 @@ pub fn train(cfg: &Config) -> Result<()> {
                 cfg,
                 &loss_params,
                 &mut grads,
-                &mut memory,
+                &mut meters,
             )?;
+            times.add(&micro.times);
             loss_value += micro.loss;
             micro_metrics.push(micro.metrics);
             entropy.push(micro.entropy);
@@ -150,8 +168,10 @@ pub fn train(cfg: &Config) -> Result<()> {
 
         // 5. clip, then step unless something is not finite.
         let lr = schedule.lr(step as usize);
-        let (grad_norm, applied) =
-            optimizer.clipped_step(&mut grads, loss_value, cfg.max_grad_norm, lr)?;
+        let ((grad_norm, applied), optimizer_time) = meters
+            .stopwatch
+            .time(|| optimizer.clipped_step(&mut grads, loss_value, cfg.max_grad_norm, lr))?;
+        times.optimizer = optimizer_time;
         if !applied {
             run.state.skipped_steps += 1;
             let file = log_skipped_batch(&output_dir, step + 1, &rollouts)?;
@@ -188,7 +208,10 @@ pub fn train(cfg: &Config) -> Result<()> {
                 .cloned()
                 .context("step metrics serialise to an object")?;
             values.insert("epoch".into(), run.state.epoch.into());
-            if let Some(peak) = memory.peak_gib() {
+            if let serde_json::Value::Object(phases) = serde_json::to_value(times)? {
+                values.extend(phases);
+            }
+            if let Some(peak) = meters.memory.peak_gib() {
                 values.insert(memory::PEAK_METRIC.into(), peak.into());
             }
             run.log(&values)?;
@@ -306,11 +329,19 @@ impl TrainBatch {
     }
 }
 
-/// What one micro-step adds to the step: its loss and metrics (its gradients go into `grads`).
+/// What a step measures about itself: its peak memory and the time of each phase.
+struct Meters {
+    memory: PeakMemory,
+    stopwatch: Stopwatch,
+}
+
+/// What one micro-step adds to the step: its loss, metrics and phase times (its gradients go
+/// into `grads`).
 struct MicroStep {
     loss: f64,
     metrics: LossMetrics,
     entropy: f64,
+    times: PhaseTimes,
 }
 
 /// Loss and gradients of one micro-batch, `forward_batch_size` completions at a time: each
@@ -323,23 +354,27 @@ fn micro_step(
     cfg: &Config,
     loss_params: &LossParams,
     grads: &mut Gradients,
-    memory: &mut PeakMemory,
+    meters: &mut Meters,
 ) -> Result<MicroStep> {
     let micro_batch = MicroBatchSize::of(&batch.mask)?;
     let mut loss_value = 0.0;
     let mut metrics = Vec::new();
     let mut entropy = Vec::new();
+    let mut times = PhaseTimes::default();
     for chunk in batch.chunks(cfg.forward_batch_size)? {
-        let policy_logps =
-            grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true)?;
-        let ref_logps = match reference {
-            Some(model) => Some(
-                grouped_completion_logprobs(model, &chunk.grouped(), cfg.temperature, false)?
-                    .logprobs,
-            ),
-            None => None,
-        };
-        memory.sample();
+        let (policy_logps, forward_time) = meters.stopwatch.time(|| {
+            grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true)
+        })?;
+        let (ref_logps, reference_time) = meters.stopwatch.time(|| {
+            reference
+                .map(|model| {
+                    grouped_completion_logprobs(model, &chunk.grouped(), cfg.temperature, false)
+                        .map(|logps| logps.logprobs)
+                })
+                .transpose()
+        })?;
+        times.reference += reference_time;
+        meters.memory.sample();
         let old_logp = match &chunk.old_logp {
             Some(old) => old.clone(),
             None => policy_logps.logprobs.detach(),
@@ -355,9 +390,14 @@ fn micro_step(
             loss_params,
             micro_batch,
         )?;
-        loss_value += loss.loss.to_scalar::<f32>()? as f64;
-        grads.accumulate(policy.named_parameters(), &loss.loss.backward()?)?;
-        memory.sample();
+        let (chunk_loss, backward_time) = meters.stopwatch.time(|| -> Result<f64> {
+            let chunk_loss = loss.loss.to_scalar::<f32>()? as f64;
+            grads.accumulate(policy.named_parameters(), &loss.loss.backward()?)?;
+            Ok(chunk_loss)
+        })?;
+        loss_value += chunk_loss;
+        times.policy += forward_time + backward_time;
+        meters.memory.sample();
         let tokens = MicroBatchSize::of(&chunk.mask)?.tokens;
         metrics.push((loss.metrics, tokens));
         if let Some(e) = &policy_logps.entropy {
@@ -368,10 +408,11 @@ fn micro_step(
         loss: loss_value,
         metrics: LossMetrics::of_chunks(&metrics),
         entropy: grpo::combine_masked_means(entropy.into_iter()),
+        times,
     })
 }
 
-/// Samples, decodes and scores one micro-batch.
+/// Samples, decodes and scores one micro-batch; times its generation and rewards.
 fn rollout(
     sampler: &Qwen2,
     prompter: &Prompter,
@@ -379,13 +420,18 @@ fn rollout(
     examples: &[Example],
     spec: &GenerationSpec,
     cfg: &Config,
-    device: &Device,
-) -> Result<Rollout> {
+    stopwatch: &Stopwatch,
+) -> Result<(Rollout, PhaseTimes)> {
+    let device = sampler.lm_head_weight().device();
+    let mut times = PhaseTimes::default();
     let prompts: Vec<Vec<u32>> = examples
         .iter()
         .map(|e| prompter.prompt_ids(&e.question))
         .collect::<Result<_>>()?;
-    let sampled = sampling::generate(sampler, &prompts, spec)?;
+    let (sampled, generation_time) =
+        stopwatch.time(|| sampling::generate(sampler, &prompts, spec))?;
+    times.generation = generation_time;
+    let scoring_started = std::time::Instant::now();
     let rows: Vec<Vec<u32>> = sampled
         .ids
         .iter()
@@ -419,6 +465,7 @@ fn rollout(
         .collect();
     let weighted = grpo::weighted_rewards(&rewards_per_func, rewards.weights())?;
     let advantages = grpo::group_advantages(&weighted, spec.group_size, cfg.scale_rewards)?;
+    times.rewards = scoring_started.elapsed().as_secs_f64();
     let padded = left_pad(&prompts, spec.pad_id);
     let (num_prompts, prompt_len) = (prompts.len(), padded.width());
     let mut batch = TrainBatch {
@@ -431,17 +478,21 @@ fn rollout(
         group_size: spec.group_size,
     };
     if cfg.num_iterations > 1 {
-        let logps = grouped_completion_logprobs(sampler, &batch.grouped(), cfg.temperature, false)?;
+        let (logps, old_logp_time) = stopwatch.time(|| {
+            grouped_completion_logprobs(sampler, &batch.grouped(), cfg.temperature, false)
+        })?;
+        times.generation += old_logp_time;
         batch.old_logp = Some(logps.logprobs.detach());
     }
-    Ok(Rollout {
+    let rollout = Rollout {
         examples: examples.to_vec(),
         completions,
         texts,
         rewards_per_func,
         advantages,
         batch,
-    })
+    };
+    Ok((rollout, times))
 }
 
 /// Optimizer updates of the run, as the HF Trainer computes them: `max_steps` when positive,
@@ -584,6 +635,7 @@ fn log_skipped_batch(output_dir: &Path, step: u64, rollouts: &[Rollout]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     /// 2 prompts x 2 completions whose masks cover 1, 3 | 2, 2 of 4 positions.
     fn batch() -> TrainBatch {

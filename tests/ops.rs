@@ -4,8 +4,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use grpo::model::fused;
 use grpo::model::ops::{
-    apply_rope_composite, causal_bias, position_ids_from_mask, rms_norm_composite, rope_tables,
-    softmax_composite, MASKED_BIAS,
+    apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias, linear,
+    linear_composite, position_ids_from_mask, rms_norm, rms_norm_composite, rope_tables,
+    softmax_composite, swiglu, swiglu_composite, MASKED_BIAS,
 };
 
 fn random(shape: &[usize], seed_scale: f64) -> Var {
@@ -152,4 +153,111 @@ fn position_ids_are_cumsum_minus_one_clamped() {
         positions.to_vec2::<i64>().unwrap(),
         vec![vec![0, 0, 0, 1, 2], vec![0, 1, 2, 2, 2]]
     );
+}
+
+/// `fused` and `composite` (the same function of `inputs`) agree in value and in the gradient
+/// of every input, within `tol` relative to the largest magnitude of each compared tensor.
+fn assert_same_function(fused: &Tensor, composite: &Tensor, inputs: &[(&str, &Var)], tol: f32) {
+    let scale = |t: &Tensor| -> f32 {
+        let max: f32 = t
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        max.max(1.0)
+    };
+    let diff = max_diff(fused, composite);
+    assert!(diff < tol * scale(composite), "values differ by {diff}");
+    let upstream = Tensor::randn(0f32, 1.0, fused.shape(), &Device::Cpu).unwrap();
+    let vars: Vec<&Var> = inputs.iter().map(|(_, v)| *v).collect();
+    let a = grads_of(fused, &upstream, &vars);
+    let b = grads_of(composite, &upstream, &vars);
+    for ((name, _), (a, b)) in inputs.iter().zip(a.iter().zip(&b)) {
+        let diff = max_diff(a, b);
+        assert!(diff < tol * scale(b), "d{name} differs by {diff}");
+    }
+}
+
+#[test]
+fn fused_rms_norm_matches_composite_on_many_rows() {
+    // Enough rows for the multi-threaded path.
+    let x = random(&[4, 100, 128], 2.0);
+    let weight = random(&[128], 1.0);
+    let fused = rms_norm(x.as_tensor(), weight.as_tensor(), 1e-6).unwrap();
+    let composite = rms_norm_composite(x.as_tensor(), weight.as_tensor(), 1e-6).unwrap();
+    assert_same_function(&fused, &composite, &[("x", &x), ("weight", &weight)], 1e-5);
+}
+
+#[test]
+fn fused_linear_matches_composite_with_and_without_bias() {
+    for (rows, k, n) in [(40, 37, 23), (300, 64, 96)] {
+        let x = random(&[2, rows / 2, k], 1.0);
+        let weight = random(&[n, k], 0.5);
+        let bias = random(&[n], 0.5);
+        let fused = linear(x.as_tensor(), weight.as_tensor(), Some(bias.as_tensor())).unwrap();
+        let composite =
+            linear_composite(x.as_tensor(), weight.as_tensor(), Some(bias.as_tensor())).unwrap();
+        assert_eq!(fused.dims(), [2, rows / 2, n]);
+        let inputs = [("x", &x), ("weight", &weight), ("bias", &bias)];
+        assert_same_function(&fused, &composite, &inputs, 1e-5);
+        let fused = linear(x.as_tensor(), weight.as_tensor(), None).unwrap();
+        let composite = linear_composite(x.as_tensor(), weight.as_tensor(), None).unwrap();
+        assert_same_function(&fused, &composite, &[("x", &x), ("weight", &weight)], 1e-5);
+    }
+}
+
+#[test]
+fn few_rows_matmul_equals_the_general_product() {
+    // Decoding shapes: a few rows, no gradient; odd sizes exercise every remainder path.
+    for (m, k, n) in [(1, 7, 3), (3, 37, 23), (16, 64, 1001), (5, 896, 130)] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+        let fast = x.apply_op2_no_bwd(&weight, &fused::FewRowsMatmul).unwrap();
+        let general = x.matmul(&weight.t().unwrap()).unwrap();
+        assert_eq!(fast.dims(), [m, n]);
+        let diff = max_diff(&fast, &general);
+        assert!(
+            diff < 1e-4 * (k as f32).sqrt(),
+            "{m}x{k}x{n}: differs by {diff}"
+        );
+        // `linear` takes this path for few untracked rows, bias included.
+        let via_linear = linear(&x, &weight, Some(&bias)).unwrap();
+        let want = general.broadcast_add(&bias).unwrap();
+        assert!(max_diff(&via_linear, &want) < 1e-4 * (k as f32).sqrt());
+    }
+}
+
+#[test]
+fn fused_swiglu_matches_composite() {
+    for shape in [[2, 3, 10], [4, 64, 300]] {
+        let gate = random(&shape, 2.0);
+        let up = random(&shape, 1.0);
+        let fused = swiglu(gate.as_tensor(), up.as_tensor()).unwrap();
+        let composite = swiglu_composite(gate.as_tensor(), up.as_tensor()).unwrap();
+        assert_same_function(&fused, &composite, &[("gate", &gate), ("up", &up)], 1e-5);
+    }
+}
+
+#[test]
+fn fused_attention_softmax_matches_composite_for_grouped_heads() {
+    // 2 items, 2 kv heads of 3 query heads each, 5 queries over 9 keys, padded keys masked and
+    // one query row fully masked.
+    for (b, kv_heads, per_kv, t, s) in [(2, 2, 3, 5, 9), (2, 2, 4, 64, 100)] {
+        let scores = random(&[b, kv_heads, per_kv * t, s], 3.0);
+        let mut mask = vec![1u32; b * s];
+        mask[0] = 0;
+        mask[s + 3] = 0;
+        let mask = Tensor::from_vec(mask, (b, s), &Device::Cpu).unwrap();
+        let bias = causal_bias(&mask, t).unwrap();
+        let scale = 0.125;
+        let fused = attention_softmax(scores.as_tensor(), &bias, scale).unwrap();
+        let composite = attention_softmax_composite(scores.as_tensor(), &bias, scale).unwrap();
+        assert_eq!(fused.dims(), scores.as_tensor().dims());
+        assert_same_function(&fused, &composite, &[("scores", &scores)], 1e-5);
+    }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use assert_cmd::Command;
-use grpo::plot::{self, ema, EMA_WEIGHT};
+use grpo::plot::{self, ema, Panels, EMA_WEIGHT};
 use predicates::str::contains;
 
 fn write_metrics(dir: &Path, lines: &[String]) {
@@ -59,7 +59,7 @@ fn draws_one_panel_per_logged_metric_in_order() {
         })
         .collect();
     write_metrics(dir.path(), &lines);
-    let written = plot::plot(dir.path(), None).unwrap();
+    let written = plot::plot(dir.path(), None, Panels::Training).unwrap();
     assert_eq!(written, dir.path().join("curves.svg"));
     let svg = std::fs::read_to_string(&written).unwrap();
 
@@ -107,7 +107,10 @@ fn skips_absent_metrics_and_honours_out() {
         ],
     );
     let out = dir.path().join("kl.svg");
-    assert_eq!(plot::plot(dir.path(), Some(&out)).unwrap(), out);
+    assert_eq!(
+        plot::plot(dir.path(), Some(&out), Panels::Training).unwrap(),
+        out
+    );
     assert!(!dir.path().join("curves.svg").exists());
     let svg = std::fs::read_to_string(&out).unwrap();
     let panels = panels(&svg);
@@ -146,7 +149,8 @@ fn moving_average_matches_tensorboard_smoothing() {
 fn single_point_and_constant_values_still_draw() {
     let dir = tempfile::tempdir().unwrap();
     write_metrics(dir.path(), &[r#"{"step": 1, "loss": 0.0}"#.to_string()]);
-    let svg = std::fs::read_to_string(plot::plot(dir.path(), None).unwrap()).unwrap();
+    let svg =
+        std::fs::read_to_string(plot::plot(dir.path(), None, Panels::Training).unwrap()).unwrap();
     assert!(!svg.contains("NaN") && !svg.contains("inf"));
     assert_eq!(polyline(panels(&svg)[0], "raw").len(), 1);
 }
@@ -155,7 +159,8 @@ fn single_point_and_constant_values_still_draw() {
 fn missing_empty_or_unplottable_metrics_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.jsonl");
-    let message = |dir: &Path| format!("{:#}", plot::plot(dir, None).unwrap_err());
+    let message =
+        |dir: &Path| format!("{:#}", plot::plot(dir, None, Panels::Training).unwrap_err());
 
     let error = message(dir.path());
     assert!(error.contains(&metrics.display().to_string()), "{error}");
@@ -236,4 +241,50 @@ fn cli_plots_and_reports_errors() {
         .success();
     let help = String::from_utf8(assert.get_output().stdout.clone()).unwrap();
     assert!(help.contains("OUTPUT_DIR") && help.contains("--out") && help.contains("curves.svg"));
+}
+
+#[test]
+fn cli_timings_draws_the_phase_panels_into_timings_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (1..=5)
+        .map(|step| {
+            format!(
+                r#"{{"step": {step}, "reward": 1.0, "timing/generation": {}, "timing/policy": 2.0, "timing/optimizer": 0.1, "generation/tokens_per_second": 300}}"#,
+                1.0 + f64::from(step)
+            )
+        })
+        .collect();
+    write_metrics(dir.path(), &lines);
+    Command::cargo_bin("grpo")
+        .unwrap()
+        .args(["plot", "--timings"])
+        .arg(dir.path())
+        .assert()
+        .success()
+        .stdout(contains("timings.svg"));
+    assert!(!dir.path().join("curves.svg").exists());
+    let svg = std::fs::read_to_string(dir.path().join("timings.svg")).unwrap();
+    let titles: Vec<&str> = panels(&svg)
+        .iter()
+        .map(|panel| {
+            let title = &panel[panel.find(r#"class="title""#).unwrap()..];
+            &title[title.find('>').unwrap() + 1..title.find("</text>").unwrap()]
+        })
+        .collect();
+    // Logged phases only, in panel order; `reward` is not a timing panel.
+    assert_eq!(
+        titles,
+        [
+            "generation (s)",
+            "policy forward + backward (s)",
+            "optimizer (s)",
+            "generated tokens / s"
+        ]
+    );
+    let generation = polyline(panels(&svg)[0], "raw");
+    assert_eq!(generation.len(), 5);
+    assert!(
+        generation[0].1 > generation[4].1,
+        "rising seconds go up the panel"
+    );
 }

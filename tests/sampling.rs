@@ -281,3 +281,63 @@ fn first_token_frequencies_follow_the_tempered_softmax() {
         "chi-square {chi2:.1} over {bins} bins"
     );
 }
+
+#[test]
+fn finished_rows_leave_the_batch_without_changing_the_others() {
+    // Sampled rows, three per prompt, each with its own seeded stream. Declaring a token an EOS
+    // makes the rows that draw it stop early and leave the batch; every other row must draw
+    // exactly what it drew when no row stopped, and every stopped row a prefix of its free run.
+    let model = model();
+    let prompts = prompts();
+    let base = spec(sampled(1.0), 3, 10);
+    let free = generate(&model, &prompts, &base).unwrap();
+    let eos = free.ids[4][1];
+    let stopped = generate(
+        &model,
+        &prompts,
+        &GenerationSpec {
+            eos_ids: vec![eos],
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    let mut early = 0;
+    for (row, full) in free.ids.iter().enumerate() {
+        match full.iter().position(|&t| t == eos) {
+            Some(at) => {
+                early += usize::from(at + 1 < full.len());
+                assert_eq!(stopped.lengths[row], at + 1, "row {row}");
+                assert_eq!(stopped.ids[row][..=at], full[..=at], "row {row}");
+            }
+            None => assert_eq!(stopped.ids[row][..full.len()], full[..], "row {row}"),
+        }
+    }
+    assert!(
+        early > 0 && early < free.ids.len(),
+        "some rows stop early, some go on"
+    );
+}
+
+#[test]
+fn non_finite_logits_are_an_error_not_a_token() {
+    let files = model_files();
+    let parameters: Vec<(String, Tensor)> = files
+        .load_parameters(&Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, tensor)| match name.as_str() {
+            "model.norm.weight" => {
+                let nan = Tensor::full(f32::NAN, tensor.shape(), &Device::Cpu).unwrap();
+                (name, nan)
+            }
+            _ => (name, tensor),
+        })
+        .collect();
+    let model = Qwen2::from_parameters(files.config.clone(), parameters, false).unwrap();
+    let error = generate(&model, &prompts(), &spec(sampled(1.0), 2, 4)).unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("non-finite logits") && message.contains("new token 1"),
+        "{message}"
+    );
+}

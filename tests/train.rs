@@ -78,10 +78,57 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
     let mut lines = logged_metrics(out);
     for line in &mut lines {
         let fields = line.as_object_mut().unwrap();
-        fields.remove("step_time");
-        fields.remove("memory/peak_gib");
+        fields.retain(|key, _| !is_measured(key));
     }
     lines
+}
+
+/// Fields that measure the machine (time, memory) rather than the computation.
+fn is_measured(key: &str) -> bool {
+    key == "step_time"
+        || key == "memory/peak_gib"
+        || key.starts_with("timing/")
+        || key == "generation/tokens_per_second"
+}
+
+#[test]
+fn every_step_logs_where_its_time_went() {
+    let dir = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(dir.path(), &[])).unwrap();
+    let lines = logged_metrics(&dir.path().join("out"));
+    for line in &lines {
+        let seconds = |key: &str| -> f64 {
+            let value = line[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {key} in {line}"));
+            assert!(value.is_finite() && value >= 0.0, "{key} = {value}");
+            value
+        };
+        let phases: Vec<f64> = [
+            "timing/generation",
+            "timing/rewards",
+            "timing/policy",
+            "timing/reference",
+            "timing/optimizer",
+        ]
+        .iter()
+        .map(|key| seconds(key))
+        .collect();
+        assert!(
+            phases.iter().sum::<f64>() <= seconds("step_time"),
+            "the phases are parts of the step: {line}"
+        );
+        assert!(seconds("timing/generation") > 0.0 && seconds("timing/policy") > 0.0);
+        // Throughput = the step's generated tokens over its generation seconds.
+        let rows = 2.0 * 2.0 * 2.0; // prompts x completions x micro-steps of `config`
+        let tokens = line["completions/mean_length"].as_f64().unwrap() * rows;
+        let expected = tokens / seconds("timing/generation");
+        let logged = seconds("generation/tokens_per_second");
+        assert!(
+            (logged - expected).abs() <= 1e-6 * expected,
+            "tokens/s {logged} vs {expected}"
+        );
+    }
 }
 
 #[test]

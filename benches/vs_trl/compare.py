@@ -568,7 +568,7 @@ def machine_meta(threads: int, grpo: Path) -> dict:
     except Exception:
         pass
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                                 capture_output=True, text=True).stdout.strip()
     except Exception:
         commit = "?"

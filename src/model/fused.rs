@@ -4,7 +4,7 @@
 //! (multi-op) forms elsewhere; `tests/ops.rs` checks both directions against those forms.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
 
 /// The f32 slice of a contiguous CPU tensor argument.
@@ -46,13 +46,12 @@ impl CustomOp2 for RmsNorm {
             );
         }
         let mut out = vec![0f32; x_data.len()];
-        for (row, out_row) in x_data.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-            let scale = 1.0 / (mean_square + self.eps).sqrt();
+        for_each_row(&mut out, x_data, width, |out_row, row| {
+            let scale = inverse_rms(row, self.eps);
             for ((o, v), w) in out_row.iter_mut().zip(row).zip(weight) {
                 *o = w * (v * scale);
             }
-        }
+        });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 
@@ -63,20 +62,108 @@ impl CustomOp2 for RmsNorm {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // With r = 1/sqrt(mean(x^2) + eps) and n = x * r:
-        //   dw = sum_rows(g * n),  dx = r * (g*w - n * mean(g*w*n)).
-        let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
-            .sqrt()?
-            .recip()?;
-        let normed = x.broadcast_mul(&scale)?;
-        let rows = normed.elem_count() / weight.elem_count();
-        let grad_weight = (grad_out * &normed)?
-            .reshape((rows, weight.elem_count()))?
-            .sum(0)?;
-        let grad_normed = grad_out.broadcast_mul(weight)?;
-        let projection = (&grad_normed * &normed)?.mean_keepdim(D::Minus1)?;
-        let grad_x = (grad_normed - normed.broadcast_mul(&projection)?)?.broadcast_mul(&scale)?;
+        // One pass over the rows (see `RmsNormBackward`); the weight's gradient is its last row.
+        let x = x.contiguous()?;
+        let width = weight.elem_count();
+        let rows = x.elem_count() / width;
+        let both = x.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &grad_out.contiguous()?,
+            &RmsNormBackward { eps: self.eps },
+        )?;
+        let grad_x = both.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let grad_weight = both.narrow(0, rows, 1)?.reshape(width)?;
         Ok((Some(grad_x), Some(grad_weight)))
+    }
+}
+
+/// `1 / sqrt(mean(row^2) + eps)`.
+fn inverse_rms(row: &[f32], eps: f32) -> f32 {
+    let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (mean_square + eps).sqrt()
+}
+
+/// Runs `f(out_row, in_row)` over the rows of width `width`, in parallel when there are many.
+fn for_each_row(
+    out: &mut [f32],
+    input: &[f32],
+    width: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    const ROWS_PER_TASK: usize = 64;
+    if input.len() < PARALLEL_ELEMENTS {
+        out.chunks_exact_mut(width)
+            .zip(input.chunks_exact(width))
+            .for_each(|(o, i)| f(o, i));
+        return;
+    }
+    out.par_chunks_mut(width * ROWS_PER_TASK)
+        .zip(input.par_chunks(width * ROWS_PER_TASK))
+        .for_each(|(out, input)| {
+            out.chunks_exact_mut(width)
+                .zip(input.chunks_exact(width))
+                .for_each(|(o, i)| f(o, i));
+        });
+}
+
+/// Tensors smaller than this run element-wise kernels on one thread.
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+/// The gradients of [`RmsNorm`] in one pass, as `[rows + 1, width]`: rows `0..rows` are
+/// `dx = r * (g*w - n * mean(g*w*n))` (with `r = 1/sqrt(mean(x^2) + eps)`, `n = x * r`), the
+/// last row `dw = sum over rows of g * n`. Inputs `(x, weight, grad_out)`, contiguous f32.
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_layout, self.name())?;
+        let weight = contiguous_f32(weight, weight_layout, self.name())?;
+        let grad = contiguous_f32(grad, grad_layout, self.name())?;
+        let width = weight.len();
+        let rows = x.len() / width;
+        let mut out = vec![0f32; x.len() + width];
+        let (grad_x, grad_weight) = out.split_at_mut(x.len());
+        for ((dx, x), g) in grad_x
+            .chunks_exact_mut(width)
+            .zip(x.chunks_exact(width))
+            .zip(grad.chunks_exact(width))
+        {
+            let r = inverse_rms(x, self.eps);
+            let projection = x
+                .iter()
+                .zip(g)
+                .zip(weight)
+                .map(|((x, g), w)| g * w * x * r)
+                .sum::<f32>()
+                / width as f32;
+            for ((((dx, x), g), w), dw) in dx
+                .iter_mut()
+                .zip(x)
+                .zip(g)
+                .zip(weight)
+                .zip(grad_weight.iter_mut())
+            {
+                let n = x * r;
+                *dx = r * (g * w - n * projection);
+                *dw += g * n;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, width))))
     }
 }
 
@@ -108,28 +195,7 @@ impl CustomOp3 for Rope {
         sin: &CpuStorage,
         sin_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, heads, t, d) = Rope::check(x_layout, cos_layout)?;
-        Rope::check(x_layout, sin_layout)?;
-        let x = contiguous_f32(x, x_layout, self.name())?;
-        let cos = contiguous_f32(cos, cos_layout, self.name())?;
-        let sin = contiguous_f32(sin, sin_layout, self.name())?;
-        let half = d / 2;
-        let mut out = vec![0f32; x.len()];
-        for batch in 0..b {
-            for head in 0..heads {
-                for pos in 0..t {
-                    let at = ((batch * heads + head) * t + pos) * d;
-                    let table_at = (batch * t + pos) * d;
-                    let (xr, c, s) = (&x[at..at + d], &cos[table_at..], &sin[table_at..]);
-                    let o = &mut out[at..at + d];
-                    for i in 0..half {
-                        o[i] = xr[i] * c[i] - xr[i + half] * s[i];
-                        o[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
-                    }
-                }
-            }
-        }
-        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+        rope_kernel(x, x_layout, cos, cos_layout, sin, sin_layout, false)
     }
 
     fn bwd(
@@ -140,15 +206,80 @@ impl CustomOp3 for Rope {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The adjoint of u -> cat(-u2, u1) is v -> cat(v2, -v1).
-        let half = grad_out.dim(D::Minus1)? / 2;
-        let scaled = grad_out.broadcast_mul(sin)?;
-        let first = scaled.narrow(D::Minus1, 0, half)?;
-        let second = scaled.narrow(D::Minus1, half, half)?;
-        let adjoint = Tensor::cat(&[&second, &first.neg()?], D::Minus1)?;
-        let grad_x = (grad_out.broadcast_mul(cos)? + adjoint)?;
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        let grad_x = grad_out
+            .contiguous()?
+            .apply_op3_no_bwd(&cos, &sin, &RopeBackward)?;
         Ok((Some(grad_x), None, None))
     }
+}
+
+/// The gradient of [`Rope`] with respect to `x`, as a custom op over `(grad_out, cos, sin)`:
+/// `g * cos + rotate_half^T(g * sin)`, where the adjoint of `u -> cat(-u2, u1)` is
+/// `v -> cat(v2, -v1)`.
+struct RopeBackward;
+
+impl CustomOp3 for RopeBackward {
+    fn name(&self) -> &'static str {
+        "fused-rope-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+        sin: &CpuStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        rope_kernel(grad, grad_layout, cos, cos_layout, sin, sin_layout, true)
+    }
+}
+
+/// Rotary embedding of `x` `[b, heads, t, d]` with tables `[b, 1, t, d]`, or (`adjoint`) the
+/// gradient of that map applied to `x`.
+fn rope_kernel(
+    x: &CpuStorage,
+    x_layout: &Layout,
+    cos: &CpuStorage,
+    cos_layout: &Layout,
+    sin: &CpuStorage,
+    sin_layout: &Layout,
+    adjoint: bool,
+) -> Result<(CpuStorage, Shape)> {
+    use rayon::prelude::*;
+    let (_, heads, t, d) = Rope::check(x_layout, cos_layout)?;
+    Rope::check(x_layout, sin_layout)?;
+    let x = contiguous_f32(x, x_layout, "fused-rope")?;
+    let cos = contiguous_f32(cos, cos_layout, "fused-rope")?;
+    let sin = contiguous_f32(sin, sin_layout, "fused-rope")?;
+    let half = d / 2;
+    let mut out = vec![0f32; x.len()];
+    // One task per (batch, head): `t` positions of `d` values.
+    out.par_chunks_mut(t * d)
+        .zip(x.par_chunks(t * d))
+        .enumerate()
+        .with_min_len((PARALLEL_ELEMENTS / (t * d).max(1)).max(1))
+        .for_each(|(index, (out, x))| {
+            let batch = index / heads;
+            for pos in 0..t {
+                let at = pos * d;
+                let table_at = (batch * t + pos) * d;
+                let (xr, c, s) = (&x[at..at + d], &cos[table_at..], &sin[table_at..]);
+                let o = &mut out[at..at + d];
+                for i in 0..half {
+                    if adjoint {
+                        o[i] = xr[i] * c[i] + xr[i + half] * s[i + half];
+                        o[i + half] = xr[i + half] * c[i + half] - xr[i] * s[i];
+                    } else {
+                        o[i] = xr[i] * c[i] - xr[i + half] * s[i];
+                        o[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
+                    }
+                }
+            }
+        });
+    Ok((CpuStorage::F32(out), x_layout.shape().clone()))
 }
 
 /// Softmax over the last dimension, computed in f32 with the row maximum subtracted.
@@ -163,7 +294,7 @@ impl CustomOp1 for Softmax {
         let data = contiguous_f32(x, layout, self.name())?;
         let width = layout.dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; data.len()];
-        for (row, out_row) in data.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        for_each_row(&mut out, data, width, |out_row, row| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for (o, v) in out_row.iter_mut().zip(row) {
@@ -172,13 +303,464 @@ impl CustomOp1 for Softmax {
             }
             let inv = 1.0 / sum;
             out_row.iter_mut().for_each(|o| *o *= inv);
-        }
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
-        // dx = y * (g - sum(g * y)).
-        let dot = (grad_out * out)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad_out.broadcast_sub(&dot)? * out)?))
+        let grad = grad_out
+            .contiguous()?
+            .apply_op2_no_bwd(&out.contiguous()?, &SoftmaxBackward { scale: 1.0 })?;
+        Ok(Some(grad))
+    }
+}
+
+/// The gradient of [`Softmax`] (scaled by `scale`, for [`AttentionSoftmax`]),
+/// `dx = scale * y * (g - sum(g * y))` per row, as a custom op over `(grad_out, y)`.
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        y: &CpuStorage,
+        y_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let grad = contiguous_f32(grad, grad_layout, self.name())?;
+        let y = contiguous_f32(y, y_layout, self.name())?;
+        let width = y_layout.dims().last().copied().unwrap_or(1);
+        // The output starts as a copy of g and is rewritten row by row.
+        let mut out = grad.to_vec();
+        let scale = self.scale;
+        for_each_row(&mut out, y, width, |g, y| {
+            let dot: f32 = g.iter().zip(y).map(|(g, y)| g * y).sum();
+            g.iter_mut()
+                .zip(y)
+                .for_each(|(g, y)| *g = scale * y * (*g - dot));
+        });
+        Ok((CpuStorage::F32(out), y_layout.shape().clone()))
+    }
+}
+
+/// The attention softmax, `softmax(scores * scale + bias)` over the last dimension, as one
+/// node. `scores` `[b, rows, s]` (any number of middle dimensions, flattened to `rows`) holds,
+/// for each batch item, blocks of `t` query rows (one block per head), and `bias` `[b, 1, t, s]`
+/// is added to every block: row `r` of item `i` gets `bias[i, 0, r % t]`. So the scores of all
+/// heads, grouped as the grouped-query matmul leaves them, need no reshaping. The bias gets no
+/// gradient (it comes from the mask).
+pub struct AttentionSoftmax {
+    pub scale: f32,
+}
+
+impl CustomOp2 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-attention-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        scores: &CpuStorage,
+        scores_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let dims = scores_layout.dims();
+        let (bias_batch, _, t, s) = bias_layout.shape().dims4()?;
+        let batch = dims.first().copied().unwrap_or(0);
+        let rows = scores_layout.shape().elem_count() / (batch * s).max(1);
+        if dims.last() != Some(&s) || bias_batch != batch || t == 0 || rows % t != 0 {
+            bail!(
+                "{}: scores {dims:?} vs bias {:?}",
+                self.name(),
+                bias_layout.dims()
+            );
+        }
+        let scores = contiguous_f32(scores, scores_layout, self.name())?;
+        let bias = contiguous_f32(bias, bias_layout, self.name())?;
+        let mut out = vec![0f32; scores.len()];
+        let scale = self.scale;
+        out.par_chunks_mut(s)
+            .zip(scores.par_chunks(s))
+            .enumerate()
+            .with_min_len((PARALLEL_ELEMENTS / s.max(1)).max(1))
+            .for_each(|(index, (out, row))| {
+                let (item, query) = (index / rows, index % rows % t);
+                let bias = &bias[(item * t + query) * s..][..s];
+                let mut max = f32::NEG_INFINITY;
+                for ((o, x), b) in out.iter_mut().zip(row).zip(bias) {
+                    *o = x * scale + b;
+                    max = max.max(*o);
+                }
+                let mut sum = 0f32;
+                for o in out.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                out.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _bias: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_out
+            .contiguous()?
+            .apply_op2_no_bwd(&out.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// SwiGLU, `silu(gate) * up` with `silu(x) = x * sigmoid(x)`, as one node whose backward is one
+/// pass (see [`SwigluBackward`]). Inputs `(gate, up)` of the same shape.
+pub struct Swiglu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if gate_layout.dims() != up_layout.dims() {
+            bail!(
+                "{}: gate {:?} vs up {:?}",
+                self.name(),
+                gate_layout.dims(),
+                up_layout.dims()
+            );
+        }
+        let gate = contiguous_f32(gate, gate_layout, self.name())?;
+        let up = contiguous_f32(up, up_layout, self.name())?;
+        let width = gate_layout.dims().last().copied().unwrap_or(1);
+        let mut out = up.to_vec();
+        for_each_row(&mut out, gate, width, |out, gate| {
+            out.iter_mut()
+                .zip(gate)
+                .for_each(|(o, g)| *o *= g * sigmoid(*g));
+        });
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.contiguous()?.apply_op3_no_bwd(
+            &up.contiguous()?,
+            &grad_out.contiguous()?,
+            &SwigluBackward,
+        )?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// The gradients of [`Swiglu`] in one pass over `(gate, up, grad_out)`, stacked as
+/// `[2, ..]`: `d gate = g * up * s * (1 + gate * (1 - s))` with `s = sigmoid(gate)`, and
+/// `d up = g * silu(gate)`.
+struct SwigluBackward;
+
+impl CustomOp3 for SwigluBackward {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let gate = contiguous_f32(gate, gate_layout, self.name())?;
+        let up = contiguous_f32(up, up_layout, self.name())?;
+        let grad = contiguous_f32(grad, grad_layout, self.name())?;
+        let n = gate.len();
+        let mut out = vec![0f32; 2 * n];
+        let (grad_gate, grad_up) = out.split_at_mut(n);
+        const CHUNK: usize = 1 << 14;
+        grad_gate
+            .par_chunks_mut(CHUNK)
+            .zip(grad_up.par_chunks_mut(CHUNK))
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(((dg, du), (gate, up)), g)| {
+                for i in 0..gate.len() {
+                    let s = sigmoid(gate[i]);
+                    let silu = gate[i] * s;
+                    du[i] = g[i] * silu;
+                    dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(gate_layout.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// `x @ weight^T` for a few rows of `x` (decoding: one row per sequence), forward only.
+///
+/// A general matrix product packs the weight into blocks before multiplying, which for a handful
+/// of rows costs as much as the product; here each weight row is streamed from memory once and
+/// its dot products with every row of `x` (which stay in cache) are taken as it passes, split
+/// over the threads by weight rows. `x` `[m, k]`, `weight` `[n, k]`, both contiguous f32;
+/// returns `[m, n]`. Use it only where no gradient is needed (it has no backward).
+pub struct FewRowsMatmul;
+
+/// Rows of `x` up to which [`FewRowsMatmul`] beats the general product.
+pub const FEW_ROWS: usize = 16;
+
+/// Weight rows multiplied together, so each loaded piece of `x` serves several of them.
+const WEIGHT_BLOCK: usize = 4;
+const LANES: usize = 8;
+
+impl CustomOp2 for FewRowsMatmul {
+    fn name(&self) -> &'static str {
+        "few-rows-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (m, k) = x_layout.shape().dims2()?;
+        let (n, weight_k) = weight_layout.shape().dims2()?;
+        if k != weight_k {
+            bail!("{}: x [{m}, {k}] vs weight [{n}, {weight_k}]", self.name());
+        }
+        let x = contiguous_f32(x, x_layout, self.name())?;
+        let weight = contiguous_f32(weight, weight_layout, self.name())?;
+        // Output transposed, [n, m]: each thread owns a contiguous run of weight rows.
+        let mut out_t = vec![0f32; n * m];
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per_task = n
+            .div_ceil(threads * 8)
+            .next_multiple_of(WEIGHT_BLOCK)
+            .max(WEIGHT_BLOCK);
+        out_t
+            .par_chunks_mut(rows_per_task * m)
+            .zip(weight.par_chunks(rows_per_task * k))
+            .for_each(|(out, weight)| multiply_rows(x, m, k, weight, out));
+        let mut out = vec![0f32; m * n];
+        for (j, column) in out_t.chunks_exact(m).enumerate() {
+            for (i, &v) in column.iter().enumerate() {
+                out[i * n + j] = v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `out[j, i] = weight[j] . x[i]` for the weight rows `weight` (`[rows, k]`) and `x` `[m, k]`.
+fn multiply_rows(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { multiply_rows_avx2(x, m, k, weight, out) };
+    }
+    multiply_rows_portable(x, m, k, weight, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn multiply_rows_avx2(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32]) {
+    multiply_rows_portable(x, m, k, weight, out)
+}
+
+#[inline(always)]
+fn multiply_rows_portable(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32]) {
+    let mut blocks = weight.chunks_exact(WEIGHT_BLOCK * k);
+    let mut out_blocks = out.chunks_exact_mut(WEIGHT_BLOCK * m);
+    for (block, out) in (&mut blocks).zip(&mut out_blocks) {
+        let rows: [&[f32]; WEIGHT_BLOCK] = std::array::from_fn(|r| &block[r * k..(r + 1) * k]);
+        for (i, x_row) in x.chunks_exact(k).enumerate() {
+            let dots = dot_block(x_row, &rows);
+            for (r, dot) in dots.into_iter().enumerate() {
+                out[r * m + i] = dot;
+            }
+        }
+    }
+    // The last weight rows, one at a time.
+    for (row, out) in blocks
+        .remainder()
+        .chunks_exact(k)
+        .zip(out_blocks.into_remainder().chunks_exact_mut(m))
+    {
+        for (o, x_row) in out.iter_mut().zip(x.chunks_exact(k)) {
+            *o = dot_block(x_row, &[row])[0];
+        }
+    }
+    debug_assert_eq!(x.len(), m * k);
+}
+
+/// Dot products of `x` with each of `rows`, in [`LANES`] independent partial sums each.
+#[inline(always)]
+fn dot_block<const R: usize>(x: &[f32], rows: &[&[f32]; R]) -> [f32; R] {
+    let mut acc = [[0f32; LANES]; R];
+    let chunks = x.len() / LANES * LANES;
+    for start in (0..chunks).step_by(LANES) {
+        let xs: &[f32; LANES] = x[start..start + LANES].try_into().expect("a full chunk");
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let ws: &[f32; LANES] = row[start..start + LANES].try_into().expect("a full chunk");
+            for lane in 0..LANES {
+                acc[lane] += xs[lane] * ws[lane];
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let tail: f32 = (chunks..x.len()).map(|i| x[i] * rows[r][i]).sum();
+        acc[r].iter().sum::<f32>() + tail
+    })
+}
+
+/// `x @ weight^T (+ bias)` for `x` `[.., k]`, `weight` `[n, k]`, `bias` `[n]`, as ONE graph
+/// node. Composed from candle ops the same product is a reshape, a transposed view, a matmul, a
+/// broadcast, an add and a reshape, and candle's backward allocates, zero-fills and adds a
+/// gradient for each of them; here the backward returns the three gradients directly, the
+/// weight's already in its `[n, k]` layout.
+pub struct Linear;
+
+impl Linear {
+    /// The product as `[m, n]` rows, bias added in place; `(m, n)` and the output shape.
+    fn forward(
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dims = x_layout.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let m = x_layout.shape().elem_count() / k.max(1);
+        let (n, weight_k) = weight_layout.shape().dims2()?;
+        if k != weight_k || !x_layout.is_contiguous() || !weight_layout.is_contiguous() {
+            bail!("fused-linear: x {dims:?} vs weight [{n}, {weight_k}] (both must be contiguous)");
+        }
+        let rows = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let mut out = x.matmul(weight, (1, m, n, k), &rows, &weight_layout.transpose(0, 1)?)?;
+        if let Some((bias, bias_layout)) = bias {
+            let bias = contiguous_f32(bias, bias_layout, "fused-linear")?;
+            let CpuStorage::F32(values) = &mut out else {
+                bail!("fused-linear: only f32 tensors are supported");
+            };
+            for row in values.chunks_exact_mut(n) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("x has a feature dimension") = n;
+        Ok((out, Shape::from(out_dims)))
+    }
+
+    /// Gradients of `x` (in its shape), `weight` `[n, k]` and, `with_bias`, the bias `[n]`.
+    fn backward(
+        x: &Tensor,
+        weight: &Tensor,
+        grad_out: &Tensor,
+        with_bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (n, k) = weight.dims2()?;
+        let m = x.elem_count() / k;
+        let grad_rows = grad_out.reshape((m, n))?;
+        let grad_x = grad_rows.matmul(&weight.detach())?.reshape(x.shape())?;
+        let grad_weight = grad_rows.t()?.matmul(&x.detach().reshape((m, k))?)?;
+        let grad_bias = with_bias.then(|| grad_rows.sum(0)).transpose()?;
+        Ok((grad_x, grad_weight, grad_bias))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Linear::forward(x, x_layout, weight, weight_layout, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_weight, _) = Linear::backward(x, weight, grad_out, false)?;
+        Ok((Some(grad_x), Some(grad_weight)))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Linear::forward(
+            x,
+            x_layout,
+            weight,
+            weight_layout,
+            Some((bias, bias_layout)),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_weight, grad_bias) = Linear::backward(x, weight, grad_out, true)?;
+        Ok((Some(grad_x), Some(grad_weight), grad_bias))
     }
 }

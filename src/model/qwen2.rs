@@ -50,8 +50,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::load::{ModelFiles, Qwen2Config};
 use super::ops::{
-    apply_rope, causal_bias, linear, position_ids_from_mask, rms_norm, rope_tables,
-    softmax_last_dim,
+    apply_rope, attention_softmax, causal_bias, linear, position_ids_from_mask, rms_norm,
+    rope_tables, swiglu,
 };
 
 /// Weights of one decoder layer.
@@ -438,15 +438,14 @@ impl Qwen2 {
             let heads = self.heads(&layer, &x, &rope)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => {
-                    // A cache in another dtype than the compute dtype still works, with casts.
+                    // The new positions are written in place; attention reads the filled part
+                    // of the buffers as a view (no copy). A cache in another dtype than the
+                    // compute dtype still works, with casts.
                     let (k_buf, v_buf) = &cache.layers[i];
                     k_buf.slice_set(&heads.k.to_dtype(k_buf.dtype())?.contiguous()?, 2, past)?;
                     v_buf.slice_set(&heads.v.to_dtype(v_buf.dtype())?.contiguous()?, 2, past)?;
-                    let read = |buf: &Tensor| {
-                        buf.narrow(2, 0, past + t)?
-                            .to_dtype(self.compute_dtype)?
-                            .contiguous()
-                    };
+                    let read =
+                        |buf: &Tensor| buf.narrow(2, 0, past + t)?.to_dtype(self.compute_dtype);
                     (read(k_buf)?, read(v_buf)?)
                 }
                 None => (heads.k, heads.v),
@@ -585,12 +584,10 @@ impl Qwen2 {
         // Heads sharing a kv head are adjacent, so grouping them into the query axis lets one
         // matmul serve them all without copying the keys (transformers' `repeat_kv`).
         let q = q.reshape((b, c.num_key_value_heads, per_kv * t, d))?;
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?
-            .reshape((b, heads, t, s))?
-            .broadcast_add(bias)?;
-        let probs = softmax_last_dim(&scores)?
-            .to_dtype(self.compute_dtype)?
-            .reshape((b, c.num_key_value_heads, per_kv * t, s))?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let probs = attention_softmax(&scores, bias, 1.0 / (d as f64).sqrt())?
+            .to_dtype(self.compute_dtype)?;
+        debug_assert_eq!(probs.dims(), [b, c.num_key_value_heads, per_kv * t, s]);
         probs.matmul(v)?.reshape((b, heads, t, d))
     }
 
@@ -601,9 +598,9 @@ impl Qwen2 {
         let attended = attended.transpose(1, 2)?.reshape((b, t, ()))?;
         let x = (x + linear(&attended, &layer.o_proj, None)?.to_dtype(DType::F32)?)?;
         let h = self.norm_for_matmul(&x, &layer.post_attention_layernorm)?;
-        let gate = candle_nn::ops::silu(&linear(&h, &layer.gate_proj, None)?)?;
+        let gate = linear(&h, &layer.gate_proj, None)?;
         let up = linear(&h, &layer.up_proj, None)?;
-        x + linear(&(gate * up)?, &layer.down_proj, None)?.to_dtype(DType::F32)?
+        x + linear(&swiglu(&gate, &up)?, &layer.down_proj, None)?.to_dtype(DType::F32)?
     }
 }
 
