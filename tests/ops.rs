@@ -5,8 +5,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use grpo::model::fused;
 use grpo::model::ops::{
     apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias, linear,
-    linear_composite, position_ids_from_mask, rms_norm, rms_norm_composite, rope_tables,
-    softmax_composite, swiglu, swiglu_composite, MASKED_BIAS,
+    linear_composite, merge_heads, merge_heads_composite, position_ids_from_mask, rms_norm,
+    rms_norm_composite, rope_tables, softmax_composite, split_heads, split_heads_composite,
+    swiglu, swiglu_composite, MASKED_BIAS,
 };
 
 fn random(shape: &[usize], seed_scale: f64) -> Var {
@@ -259,5 +260,22 @@ fn fused_attention_softmax_matches_composite_for_grouped_heads() {
         let composite = attention_softmax_composite(scores.as_tensor(), &bias, scale).unwrap();
         assert_eq!(fused.dims(), scores.as_tensor().dims());
         assert_same_function(&fused, &composite, &[("scores", &scores)], 1e-5);
+    }
+}
+
+#[test]
+fn fused_split_and_merge_heads_match_composite() {
+    for (b, t, heads, d) in [(2, 3, 4, 5), (3, 40, 8, 64)] {
+        let x = random(&[b, t, heads * d], 1.0);
+        let fused = split_heads(x.as_tensor(), heads).unwrap();
+        let composite = split_heads_composite(x.as_tensor(), heads).unwrap();
+        assert_eq!(fused.dims(), [b, heads, t, d]);
+        assert_same_function(&fused, &composite, &[("x", &x)], 1e-6);
+
+        let y = random(&[b, heads, t, d], 1.0);
+        let fused = merge_heads(y.as_tensor()).unwrap();
+        let composite = merge_heads_composite(y.as_tensor()).unwrap();
+        assert_eq!(fused.dims(), [b, t, heads * d]);
+        assert_same_function(&fused, &composite, &[("y", &y)], 1e-6);
     }
 }

@@ -764,3 +764,92 @@ impl CustomOp3 for Linear {
         Ok((Some(grad_x), Some(grad_weight), grad_bias))
     }
 }
+
+/// `[b, t, heads * d]` → `[b, heads, t, d]` (a projection's output split into attention heads),
+/// as one node whose backward is [`MergeHeads`]. Composed from candle ops this is a reshape, a
+/// transpose and a copy, three nodes each with its own zeroed gradient in the backward.
+pub struct SplitHeads {
+    pub heads: usize,
+}
+
+/// `[b, heads, t, d]` → `[b, t, heads * d]` (attention heads joined for the output projection),
+/// as one node whose backward is [`SplitHeads`].
+pub struct MergeHeads;
+
+/// Copies `x` laid out as `[b, t, heads, d]` into `[b, heads, t, d]` (`split`), or back.
+fn permute_heads(x: &[f32], t: usize, heads: usize, d: usize, split: bool) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; x.len()];
+    // One task per (batch, head) block of the [b, heads, t, d] side.
+    let block = t * d;
+    let min_blocks = (PARALLEL_ELEMENTS / block.max(1)).max(1);
+    if split {
+        out.par_chunks_mut(block.max(1))
+            .enumerate()
+            .with_min_len(min_blocks)
+            .for_each(|(index, out)| {
+                let (batch, head) = (index / heads, index % heads);
+                for pos in 0..t {
+                    let from = ((batch * t + pos) * heads + head) * d;
+                    out[pos * d..(pos + 1) * d].copy_from_slice(&x[from..from + d]);
+                }
+            });
+    } else {
+        // Merge: each batch item's [t, heads * d] rows gather from its heads.
+        out.par_chunks_mut((t * heads * d).max(1))
+            .enumerate()
+            .for_each(|(batch, out)| {
+                for head in 0..heads {
+                    for pos in 0..t {
+                        let from = ((batch * heads + head) * t + pos) * d;
+                        let to = (pos * heads + head) * d;
+                        out[to..to + d].copy_from_slice(&x[from..from + d]);
+                    }
+                }
+            });
+    }
+    out
+}
+
+impl CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "fused-split-heads"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, width) = layout.shape().dims3()?;
+        if self.heads == 0 || width % self.heads != 0 {
+            bail!("{}: width {width} is not {} heads", self.name(), self.heads);
+        }
+        let d = width / self.heads;
+        let x = contiguous_f32(x, layout, self.name())?;
+        let out = permute_heads(x, t, self.heads, d, true);
+        Ok((CpuStorage::F32(out), Shape::from((b, self.heads, t, d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_out.contiguous()?.apply_op1_no_bwd(&MergeHeads)?))
+    }
+}
+
+impl CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "fused-merge-heads"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, heads, t, d) = layout.shape().dims4()?;
+        let x = contiguous_f32(x, layout, self.name())?;
+        let out = permute_heads(x, t, heads, d, false);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let heads = x.dim(1)?;
+        Ok(Some(
+            grad_out
+                .contiguous()?
+                .apply_op1_no_bwd(&SplitHeads { heads })?,
+        ))
+    }
+}

@@ -158,6 +158,36 @@ pub fn attention_softmax_composite(scores: &Tensor, bias: &Tensor, scale: f64) -
     softmax_last_dim(&scores)?.reshape((b, kv_heads, rows, s))
 }
 
+/// `[b, t, heads * d]` → `[b, heads, t, d]` (differentiable).
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    if fused_applies(x) {
+        return x.contiguous()?.apply_op1(fused::SplitHeads { heads });
+    }
+    split_heads_composite(x, heads)
+}
+
+/// [`split_heads`] from elementary differentiable ops.
+pub fn split_heads_composite(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    x.reshape((b, t, heads, width / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[b, heads, t, d]` → `[b, t, heads * d]` (differentiable).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    if fused_applies(x) {
+        return x.contiguous()?.apply_op1(fused::MergeHeads);
+    }
+    merge_heads_composite(x)
+}
+
+/// [`merge_heads`] from elementary differentiable ops.
+pub fn merge_heads_composite(x: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, t, heads * d))
+}
+
 /// Softmax over the last dimension (differentiable).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fused_applies(x) {

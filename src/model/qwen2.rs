@@ -50,8 +50,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::load::{ModelFiles, Qwen2Config};
 use super::ops::{
-    apply_rope, attention_softmax, causal_bias, linear, position_ids_from_mask, rms_norm,
-    rope_tables, swiglu,
+    apply_rope, attention_softmax, causal_bias, linear, merge_heads, position_ids_from_mask,
+    rms_norm, rope_tables, split_heads, swiglu,
 };
 
 /// Weights of one decoder layer.
@@ -557,13 +557,9 @@ impl Qwen2 {
     /// heads, in the compute dtype; `layer` is already in the compute dtype.
     fn heads(&self, layer: &DecoderLayer, x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Heads> {
         let c = &self.config;
-        let (b, t, _) = x.dims3()?;
         let h = self.norm_for_matmul(x, &layer.input_layernorm)?;
         let split = |(w, bias): &(Tensor, Tensor), heads: usize| -> Result<Tensor> {
-            linear(&h, w, Some(bias))?
-                .reshape((b, t, heads, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+            split_heads(&linear(&h, w, Some(bias))?, heads)
         };
         let cos = rope.0.to_dtype(self.compute_dtype)?;
         let sin = rope.1.to_dtype(self.compute_dtype)?;
@@ -594,8 +590,7 @@ impl Qwen2 {
     /// Output projection and residual, then the MLP block and residual (the residual adds in
     /// f32).
     fn finish_layer(&self, layer: &DecoderLayer, x: &Tensor, attended: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let attended = attended.transpose(1, 2)?.reshape((b, t, ()))?;
+        let attended = merge_heads(attended)?;
         let x = (x + linear(&attended, &layer.o_proj, None)?.to_dtype(DType::F32)?)?;
         let h = self.norm_for_matmul(&x, &layer.post_attention_layernorm)?;
         let gate = linear(&h, &layer.gate_proj, None)?;
