@@ -5,8 +5,8 @@
 //! Logits are produced in chunks of [`CHUNK_ROWS`] positions (lm_head → / T → log_softmax →
 //! gather), so no `[batch, seq, vocab]` tensor is ever built whole, not even for the backward
 //! pass: the values are computed without a graph and attached to the hidden states and the
-//! lm_head weight by [`LmHeadLogprob`], a custom op whose backward recomputes each chunk's
-//! softmax. Entropies come from the same pass, without a gradient.
+//! lm_head weight by [`LmHeadLogprob`], a custom op whose backward reuses the forward's softmax
+//! when all of it fits in [`CACHED_PROBS_ELEMENTS`] and otherwise recomputes each chunk's. Entropies come from the same pass, without a gradient.
 //!
 //! The lm_head matmuls (forward and backward) run in the model's compute dtype; logits,
 //! log-softmax, softmax and the weight gradient's accumulation are f32, and the gradients
@@ -37,7 +37,14 @@ struct LmHeadLogprob {
     temperature: f64,
     /// The dtype of the backward's matmuls.
     compute_dtype: DType,
+    /// The forward's softmax of each chunk, kept when small enough
+    /// ([`CACHED_PROBS_ELEMENTS`]) so the backward need not recompute the logits.
+    probs: Option<Vec<Tensor>>,
 }
+
+/// Most `rows × vocab` probabilities the forward keeps for the backward (128 MiB of f32); beyond
+/// that the backward recomputes each chunk's logits.
+const CACHED_PROBS_ELEMENTS: usize = 32 << 20;
 
 impl CustomOp3 for LmHeadLogprob {
     fn name(&self) -> &'static str {
@@ -96,8 +103,13 @@ impl CustomOp3 for LmHeadLogprob {
         for start in (0..rows).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(rows - start);
             let hidden_chunk = hidden.detach().narrow(0, start, len)?.to_dtype(compute)?;
-            let logits = (logits(&hidden_chunk, &compute_weight)? / self.temperature)?;
-            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+            let probs = match &self.probs {
+                Some(chunks) => chunks[start / CHUNK_ROWS].clone(),
+                None => {
+                    let logits = (logits(&hidden_chunk, &compute_weight)? / self.temperature)?;
+                    candle_nn::ops::softmax_last_dim(&logits)?
+                }
+            };
             let scale =
                 (grad_out.narrow(0, start, len)?.detach().reshape((len, 1))? / self.temperature)?;
             let onehot = probs.zeros_like()?.scatter_add(
@@ -154,14 +166,22 @@ pub fn token_logprobs(
         .to_dtype(model.compute_dtype())?;
     let mut logprob_chunks = Vec::new();
     let mut entropy_chunks = Vec::new();
+    let vocab = compute_weight.dim(0)?;
+    let keep_probs = hidden_rows.track_op() && rows * vocab <= CACHED_PROBS_ELEMENTS;
+    let mut prob_chunks = Vec::new();
     for start in (0..rows).step_by(CHUNK_ROWS) {
         let len = CHUNK_ROWS.min(rows - start);
         let logits = (logits(&detached.narrow(0, start, len)?, &compute_weight)? / temperature)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         logprob_chunks.push(log_probs.gather(&target_rows.narrow(0, start, len)?, 1)?);
-        if with_entropy {
-            let entropy = (log_probs.exp()? * &log_probs)?.sum_keepdim(1)?.neg()?;
-            entropy_chunks.push(entropy);
+        if with_entropy || keep_probs {
+            let probs = log_probs.exp()?;
+            if with_entropy {
+                entropy_chunks.push((&probs * &log_probs)?.sum_keepdim(1)?.neg()?);
+            }
+            if keep_probs {
+                prob_chunks.push(probs);
+            }
         }
     }
     let values = Tensor::cat(&logprob_chunks, 0)?.reshape(rows)?.copy()?;
@@ -172,6 +192,7 @@ pub fn token_logprobs(
             targets: target_rows,
             temperature,
             compute_dtype: model.compute_dtype(),
+            probs: keep_probs.then_some(prob_chunks),
         },
     )?;
     let mask = mask.to_dtype(DType::F32)?;
@@ -252,4 +273,79 @@ pub fn grouped_completion_logprobs(
         temperature,
         with_entropy,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Gradients of `sum(op(hidden, weight) * upstream)` for hidden and weight, with the
+    /// forward's probabilities handed to the backward or recomputed there.
+    fn gradients(keep_probs: bool) -> (Tensor, Tensor) {
+        let device = Device::Cpu;
+        let (rows, width, vocab, temperature) = (6, 8, 11, 0.7);
+        // Deterministic inputs, the same for both calls.
+        let table = |n: usize, m: usize, phase: f64| -> Var {
+            let t = Tensor::arange(0f32, (n * m) as f32, &device).unwrap();
+            let t = (t + phase).unwrap().sin().unwrap().reshape((n, m)).unwrap();
+            Var::from_tensor(&t).unwrap()
+        };
+        let hidden = table(rows, width, 0.0);
+        let weight = table(vocab, width, 0.3);
+        let targets = Tensor::new(&[[3u32], [0], [10], [5], [5], [1]], &device).unwrap();
+        let logits = (hidden.matmul(&weight.t().unwrap()).unwrap() / temperature).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+        let values = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .gather(&targets, 1)
+            .unwrap()
+            .reshape(rows)
+            .unwrap()
+            .detach();
+        let op = LmHeadLogprob {
+            targets,
+            temperature,
+            compute_dtype: DType::F32,
+            probs: keep_probs.then(|| vec![probs.detach()]),
+        };
+        let out = hidden.as_tensor().apply_op3(&weight, &values, op).unwrap();
+        let upstream = Tensor::new(&[1f32, -2.0, 0.5, 3.0, -1.0, 0.25], &device).unwrap();
+        let grads = (out * upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (
+            grads.get(hidden.as_tensor()).unwrap().clone(),
+            grads.get(weight.as_tensor()).unwrap().clone(),
+        )
+    }
+
+    #[test]
+    fn kept_and_recomputed_probabilities_give_the_same_gradients() {
+        let (kept_hidden, kept_weight) = gradients(true);
+        let (hidden, weight) = gradients(false);
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(diff(&kept_hidden, &hidden) < 1e-5);
+        assert!(diff(&kept_weight, &weight) < 1e-5);
+        let magnitude: f32 = weight
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(magnitude > 0.1, "the gradients are not trivially zero");
+    }
 }
