@@ -216,9 +216,10 @@ impl AdamW {
         Ok(Self { params, hyper })
     }
 
-    /// Clips `grads` to `max_norm` and updates at `lr`, unless the step's `loss` or the gradient
-    /// norm is not finite: then no weight and no moment changes. Returns the pre-clip norm and
-    /// whether the update was applied.
+    /// Clips `grads` to `max_norm` (`0`: no clipping, as the HF Trainer with
+    /// `max_grad_norm = 0`) and updates at `lr`, unless the step's `loss` or the gradient norm is
+    /// not finite: then no weight and no moment changes. Returns the pre-clip norm (measured
+    /// also without clipping) and whether the update was applied.
     pub fn clipped_step(
         &mut self,
         grads: &mut Gradients,
@@ -226,7 +227,11 @@ impl AdamW {
         max_norm: f64,
         lr: f64,
     ) -> Result<(f64, bool)> {
-        let grad_norm = grads.clip_global_norm(max_norm)?;
+        let grad_norm = if max_norm > 0.0 {
+            grads.clip_global_norm(max_norm)?
+        } else {
+            grads.global_norm()?
+        };
         let finite = loss.is_finite() && grad_norm.is_finite();
         if finite {
             self.step(grads, lr)?;

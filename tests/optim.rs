@@ -449,3 +449,29 @@ fn non_finite_loss_or_gradient_leaves_weights_and_moments_untouched() {
     assert!(applied && norm > 0.0);
     assert_ne!(values(&params), before, "a finite step moves the weights");
 }
+
+/// `max_grad_norm = 0` turns clipping off (the HF Trainer's `max_grad_norm > 0` test): the
+/// gradients stay as they are, the norm is still measured, and the step is taken.
+#[test]
+fn zero_max_norm_steps_without_clipping_and_still_measures_the_norm() {
+    let (params, mut grads) = tiny_step_setup(false);
+    let want = grads.global_norm().unwrap();
+    let before = values(&params);
+    let original: Vec<f32> = grads.get("layer.weight").unwrap().to_vec1::<f32>().unwrap();
+    let mut optimizer =
+        AdamW::new(&params, AdamWParams::default(), DecayGrouping::HfTrainer).unwrap();
+    let (norm, applied) = optimizer.clipped_step(&mut grads, 1.0, 0.0, 1e-2).unwrap();
+    assert!(applied, "a finite step with clipping off is applied");
+    assert_eq!(norm, want, "grad_norm is the unclipped global norm");
+    assert_eq!(
+        grads.get("layer.weight").unwrap().to_vec1::<f32>().unwrap(),
+        original,
+        "no clipping: the gradients are not scaled"
+    );
+    assert_ne!(values(&params), before);
+    // A tiny positive norm does clip (so the case above is not clipping by accident).
+    let (_, mut grads) = tiny_step_setup(false);
+    optimizer.clipped_step(&mut grads, 1.0, 1e-3, 1e-2).unwrap();
+    let clipped = grads.global_norm().unwrap();
+    assert!((clipped - 1e-3).abs() < 1e-6, "clipped to {clipped}");
+}

@@ -405,3 +405,16 @@ fn peak_memory_is_logged_every_step() {
         assert!(peak > 0.001 && peak < 1024.0, "memory/peak_gib = {peak}");
     }
 }
+
+/// `max_grad_norm = 0` turns clipping off: training runs and still logs the gradient norm.
+#[test]
+fn zero_max_grad_norm_trains_without_clipping() {
+    let dir = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(dir.path(), &["max_grad_norm=0", "max_steps=2"])).unwrap();
+    let lines = metrics(&dir.path().join("out"));
+    assert_eq!(lines.len(), 2);
+    for line in lines {
+        let norm = line["grad_norm"].as_f64().unwrap();
+        assert!(norm.is_finite() && norm > 0.0, "{line}");
+    }
+}
