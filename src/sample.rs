@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::config::Config;
 use crate::data::{Dataset, DatasetSpec};
 use crate::device::Runtime;
-use crate::grpo::{self, ScaleRewards};
+use crate::grpo;
 use crate::model::{ModelFiles, Qwen2};
 use crate::prompt::{ChatTokenizer, Prompter};
 use crate::rewards::{Completion, RewardSet};
@@ -42,7 +42,8 @@ pub struct SampledCompletion {
     pub rewards: Vec<(String, f64)>,
     /// The weighted sum of `rewards`.
     pub reward: f64,
-    /// `(reward - group mean) / (group std + 1e-4)`, unbiased std (0 for a single completion).
+    /// `reward - group mean`, divided by `std + 1e-4` (unbiased std, 0 for a single
+    /// completion) unless `scale_rewards = "none"`; with one prompt the group is the batch.
     pub advantage: f64,
     /// Tokens generated, EOS included.
     pub length: usize,
@@ -125,7 +126,7 @@ pub fn run(
         })
         .collect();
     let weighted = grpo::weighted_rewards(&scores, rewards.weights())?;
-    let advantages = grpo::group_advantages(&weighted, group_size, ScaleRewards::Group)?;
+    let advantages = grpo::group_advantages(&weighted, group_size, config.scale_rewards)?;
     let totals: Vec<f64> = weighted.iter().map(|&r| f64::from(r)).collect();
     let advantages = advantages.advantages.iter().map(|&a| f64::from(a));
     Ok(completions

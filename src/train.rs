@@ -201,7 +201,7 @@ pub fn train(cfg: &Config) -> Result<()> {
                 ),
             );
         }
-        if cfg.log_completions {
+        if cfg.log_completions && step % cfg.logging_steps as u64 == 0 {
             write_completions(&output_dir, step, &rollouts)?;
         }
         progress.set(step);

@@ -406,6 +406,21 @@ fn peak_memory_is_logged_every_step() {
     }
 }
 
+#[test]
+fn log_completions_follows_logging_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &["log_completions=true", "logging_steps=2"]);
+    grpo::train::train(&cfg).unwrap();
+    let out = dir.path().join("out");
+    let mut written: Vec<String> = std::fs::read_dir(out.join("completions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(written, ["step_2.jsonl", "step_4.jsonl"]);
+    assert_eq!(metrics(&out).len(), 2, "metrics on the same steps");
+}
+
 /// `max_grad_norm = 0` turns clipping off: training runs and still logs the gradient norm.
 #[test]
 fn zero_max_grad_norm_trains_without_clipping() {
