@@ -121,18 +121,6 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
-impl AdamWParams {
-    /// The config's `adam_beta1`, `adam_beta2`, `adam_epsilon` and `weight_decay`.
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
-        Self {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        }
-    }
-}
-
 impl Default for AdamWParams {
     /// The HF `TrainingArguments` defaults.
     fn default() -> Self {
@@ -381,16 +369,6 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    /// The config's schedule (`lr_scheduler_type`, `learning_rate`, warmup) over `total_steps`.
-    pub fn from_config(cfg: &crate::config::Config, total_steps: usize) -> Self {
-        Self {
-            kind: cfg.lr_scheduler_type,
-            peak_lr: cfg.learning_rate,
-            warmup_steps: warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
-            total_steps,
-        }
-    }
-
     /// The learning rate of the `(updates_done + 1)`-th optimizer update, i.e. after the
     /// scheduler has stepped `updates_done` times. The first update of a warmup therefore uses
     /// lr 0, and the HF Trainer logs `lr(k - 1)` at global step `k`.

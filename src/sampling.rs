@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::Config;
 use crate::model::{position_ids_from_mask, KvCache, ModelFiles, Qwen2};
 use crate::prompt::{left_pad, ChatTokenizer};
 
@@ -31,18 +30,6 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// The config's sampling settings (`temperature`, `top_k`, `top_p`, `min_p`,
-    /// `repetition_penalty`).
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            temperature: Some(config.temperature as f32),
-            top_k: config.top_k,
-            top_p: config.top_p as f32,
-            min_p: config.min_p.unwrap_or(0.0) as f32,
-            repetition_penalty: config.repetition_penalty as f32,
-        }
-    }
-
     /// Argmax decoding (with the repetition penalty still applied, as transformers does).
     pub fn greedy() -> Self {
         Self {

@@ -35,20 +35,6 @@ pub struct DatasetSpec {
     pub answer_column: String,
 }
 
-impl DatasetSpec {
-    /// The config's dataset (`dataset_name`, prompt and answer columns) at `split`.
-    pub fn from_config(config: &crate::config::Config, split: &str) -> Self {
-        Self {
-            name_or_path: config.dataset_name.clone(),
-            revision: None,
-            config: None,
-            split: split.to_string(),
-            prompt_column: config.dataset_prompt_column.clone(),
-            answer_column: config.dataset_answer_column.clone(),
-        }
-    }
-}
-
 /// One training row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
