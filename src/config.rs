@@ -54,6 +54,11 @@ pub struct Config {
     pub model_name_or_path: String,
     pub model_revision: String,
     pub dataset_name: String,
+    /// TRL ScriptArguments' `dataset_config`: the hub config (subset) folder; unset picks the
+    /// default config, or the only one holding the split.
+    pub dataset_config: Option<String>,
+    /// Hub branch, tag or commit of the dataset (ignored for local paths).
+    pub dataset_revision: String,
     pub dataset_train_split: String,
     pub dataset_test_split: String,
     pub dataset_prompt_column: String,
@@ -124,6 +129,8 @@ impl Default for Config {
             model_name_or_path: "Qwen/Qwen2.5-0.5B-Instruct".into(),
             model_revision: "main".into(),
             dataset_name: "swulling/gsm8k_chinese".into(),
+            dataset_config: None,
+            dataset_revision: "main".into(),
             dataset_train_split: "train".into(),
             dataset_test_split: "test".into(),
             dataset_prompt_column: "question_zh-cn".into(),
@@ -264,6 +271,7 @@ impl Config {
             ("model_name_or_path", &self.model_name_or_path),
             ("model_revision", &self.model_revision),
             ("dataset_name", &self.dataset_name),
+            ("dataset_revision", &self.dataset_revision),
             ("dataset_train_split", &self.dataset_train_split),
             ("dataset_test_split", &self.dataset_test_split),
             ("dataset_prompt_column", &self.dataset_prompt_column),
@@ -276,6 +284,15 @@ impl Config {
                 field,
                 Quoted(value),
                 "a non-empty string",
+            );
+        }
+
+        if let Some(subset) = &self.dataset_config {
+            check.that(
+                !subset.trim().is_empty(),
+                "dataset_config",
+                Quoted(subset),
+                "a non-empty config (subset) name, or unset",
             );
         }
 

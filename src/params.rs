@@ -66,12 +66,13 @@ impl SamplingParams {
 }
 
 impl DatasetSpec {
-    /// The config's dataset (`dataset_name`, prompt and answer columns) at `split`.
+    /// The config's dataset (`dataset_name`, `dataset_revision`, `dataset_config`, prompt and
+    /// answer columns) at `split`.
     pub fn from_config(config: &Config, split: &str) -> Self {
         Self {
             name_or_path: config.dataset_name.clone(),
-            revision: None,
-            config: None,
+            revision: Some(config.dataset_revision.clone()),
+            config: config.dataset_config.clone(),
             split: split.to_string(),
             prompt_column: config.dataset_prompt_column.clone(),
             answer_column: config.dataset_answer_column.clone(),

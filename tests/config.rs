@@ -512,6 +512,8 @@ fn to_toml_round_trips() {
     let every_option_set = load_overrides(&[
         "epsilon_high=0.28",
         "min_p=0.1",
+        "dataset_config=socratic",
+        "dataset_revision=refs/convert/parquet",
         "save_total_limit=3",
         "reward_weights=[1.0, 0.1, 1e-7, 3.0, 0.3333333333333333]",
         "resume_from_checkpoint=true",

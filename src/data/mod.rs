@@ -68,7 +68,7 @@ impl Dataset {
 
     /// Loads `spec`'s split; a hub dataset is resolved with `hub`.
     pub fn load_with(spec: &DatasetSpec, hub: &HubSettings) -> Result<Dataset> {
-        let mut dataset = Self::load_solutions_with(spec, hub)?;
+        let mut dataset = Self::read(spec, hub, "dataset_answer_column")?;
         for example in &mut dataset.examples {
             example.answer = normalize_answer(&example.answer);
         }
@@ -77,11 +77,13 @@ impl Dataset {
 
     /// Loads `spec`'s split keeping the answer column as written (for `grpo sft`, whose
     /// targets are the worked solutions, not just their final numbers).
+    /// Its answer column is the config's `dataset_solution_column`, which errors name.
     pub fn load_solutions(spec: &DatasetSpec) -> Result<Dataset> {
-        Self::load_solutions_with(spec, &HubSettings::from_env())
+        Self::read(spec, &HubSettings::from_env(), "dataset_solution_column")
     }
 
-    fn load_solutions_with(spec: &DatasetSpec, hub: &HubSettings) -> Result<Dataset> {
+    /// Reads the split's rows; `answer_key` is the config key naming the answer column.
+    fn read(spec: &DatasetSpec, hub: &HubSettings, answer_key: &str) -> Result<Dataset> {
         let files = resolve_files(spec, hub)?;
         let mut examples = Vec::new();
         for file in &files {
@@ -89,6 +91,7 @@ impl Dataset {
                 file,
                 &spec.prompt_column,
                 &spec.answer_column,
+                answer_key,
                 &mut examples,
             )?;
         }
@@ -170,6 +173,14 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 fn resolve_files(spec: &DatasetSpec, hub: &HubSettings) -> Result<Vec<PathBuf>> {
     let path = Path::new(&spec.name_or_path);
     if path.is_file() {
+        if let Some(config) = &spec.config {
+            bail!(
+                "dataset_config = {config:?} is set but dataset `{}` is a single parquet file, \
+                 which has no configs: unset dataset_config, or point dataset_name at the \
+                 dataset's folder",
+                spec.name_or_path
+            );
+        }
         return Ok(vec![path.to_path_buf()]);
     }
     let config = spec.config.as_deref();
