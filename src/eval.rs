@@ -157,6 +157,13 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
         &Runtime::from_config(config)?,
     )?;
     let k = options.num_samples;
+    generator.ensure_fits(&[
+        (
+            "questions per batch",
+            QUESTIONS_PER_BATCH.min(examples.len()),
+        ),
+        ("--num-samples", k),
+    ])?;
     let params = match k {
         1 => SamplingParams {
             repetition_penalty: config.repetition_penalty as f32,

@@ -107,6 +107,11 @@ pub fn run(
         &Runtime::from_config(config)?,
     )?;
     let group_size = num_generations.unwrap_or(config.num_generations);
+    let flag = match num_generations {
+        Some(_) => "--num-generations",
+        None => "num_generations",
+    };
+    generator.ensure_fits(&[(flag, group_size)])?;
     let completions = generator.complete(
         &[question.as_str()],
         group_size,
@@ -199,7 +204,9 @@ pub struct Generator {
     model: Qwen2,
     prompter: Prompter,
     stop: StopTokens,
+    max_prompt_length: usize,
     max_new_tokens: usize,
+    compute_dtype: candle_core::DType,
 }
 
 impl Generator {
@@ -227,8 +234,26 @@ impl Generator {
             model,
             prompter,
             stop,
+            max_prompt_length: config.max_prompt_length,
             max_new_tokens: config.max_completion_length,
+            compute_dtype: runtime.compute_dtype,
         })
+    }
+
+    /// Fails, naming `rows` (the sizes whose product is the completions generated at once) and
+    /// the length fields, when such a batch cannot fit in memory
+    /// ([`crate::memory::ensure_fits`]).
+    pub fn ensure_fits(&self, rows: &[crate::memory::Size]) -> Result<()> {
+        crate::memory::ensure_fits(
+            self.model.lm_head_weight().device(),
+            self.model.config(),
+            self.compute_dtype,
+            rows,
+            &[
+                ("max_prompt_length", self.max_prompt_length),
+                ("max_completion_length", self.max_new_tokens),
+            ],
+        )
     }
 
     /// `group_size` completions of each question, rows `q * group_size + g` for question `q`.

@@ -173,13 +173,15 @@ pub struct Completions {
 /// The ids that end a completion and the id that pads after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StopTokens {
+    /// Never empty when built by [`StopTokens::resolve`].
     pub eos_ids: Vec<u32>,
     pub pad_id: u32,
 }
 
 impl StopTokens {
     /// As TRL: generation_config's EOS ids plus the tokenizer's EOS; the tokenizer's pad token,
-    /// else the first EOS.
+    /// else the first EOS. Every command resolves them at start-up, before loading weights or
+    /// data: a model that names no EOS token is an error, as its completions could never stop.
     pub fn resolve(files: &ModelFiles, tokenizer: &ChatTokenizer) -> Result<Self> {
         let mut eos_ids = files.eos_token_ids.clone();
         if let Some(eos) = tokenizer.eos_token_id() {
@@ -187,15 +189,22 @@ impl StopTokens {
                 eos_ids.push(eos);
             }
         }
-        let Some(pad_id) = tokenizer.pad_token_id().or(eos_ids.first().copied()) else {
+        let Some(&first_eos) = eos_ids.first() else {
             bail!(
                 "model {:?} names no EOS token (generation_config.json, config.json and \
                  tokenizer_config.json have none), so completions could never stop; add \
-                 eos_token_id to its generation_config.json",
+                 eos_token_id to its generation_config.json (or eos_token to its \
+                 tokenizer_config.json)",
                 files.source
             );
         };
+        let pad_id = tokenizer.pad_token_id().unwrap_or(first_eos);
         Ok(Self { eos_ids, pad_id })
+    }
+
+    /// The first EOS id (generation_config's first, else the tokenizer's).
+    pub fn first_eos(&self) -> u32 {
+        self.eos_ids.first().copied().unwrap_or(self.pad_id)
     }
 }
 

@@ -27,7 +27,7 @@ use candle_core::{Device, Tensor};
 use tracing::{info, warn};
 
 use crate::checkpoint;
-use crate::config::Config;
+use crate::config::{Config, MAX_COUNT};
 use crate::data::{Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
 use crate::grpo::{
@@ -50,8 +50,25 @@ pub fn train(cfg: &Config) -> Result<()> {
     let output_dir = PathBuf::from(&cfg.output_dir);
     checkpoint::ensure_writable(&output_dir)?;
     let files = ModelFiles::resolve(&cfg.model_name_or_path, &cfg.model_revision)?;
+    memory::ensure_fits(
+        &device,
+        &files.config,
+        runtime.compute_dtype,
+        &[
+            (
+                "per_device_train_batch_size",
+                cfg.per_device_train_batch_size,
+            ),
+            ("num_generations", cfg.num_generations),
+        ],
+        &[
+            ("max_prompt_length", cfg.max_prompt_length),
+            ("max_completion_length", cfg.max_completion_length),
+        ],
+    )?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
     let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;
+    let stop = StopTokens::resolve(&files, &tokenizer)?;
     let policy = Qwen2::load_policy(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?;
     let reference = match cfg.beta {
         0.0 => None,
@@ -61,8 +78,7 @@ pub fn train(cfg: &Config) -> Result<()> {
     };
     let dataset = Dataset::load(&DatasetSpec::from_config(cfg, &cfg.dataset_train_split))?;
     let rewards = RewardSet::from_config(cfg)?;
-    let stop = StopTokens::resolve(&files, &tokenizer)?;
-    let total_steps = total_optimizer_steps(cfg, dataset.len());
+    let total_steps = total_optimizer_steps(cfg, dataset.len())?;
     let schedule = LrSchedule::from_config(cfg, total_steps);
     let mut optimizer = AdamW::new(
         policy.named_parameters(),
@@ -445,14 +461,22 @@ fn rollout(
 }
 
 /// Optimizer updates of the run, as the HF Trainer computes them: `max_steps` when positive,
-/// else `ceil(num_train_epochs * max(ceil(N / batch) // accumulation, 1))`.
-pub fn total_optimizer_steps(cfg: &Config, num_examples: usize) -> usize {
+/// else `ceil(num_train_epochs * max(ceil(N / batch) // accumulation, 1))`, which must not
+/// exceed [`MAX_COUNT`] (so a huge `num_train_epochs` is an error, not an endless run).
+pub fn total_optimizer_steps(cfg: &Config, num_examples: usize) -> Result<usize> {
     if cfg.max_steps > 0 {
-        return cfg.max_steps as usize;
+        return Ok(cfg.max_steps as usize);
     }
     let batches_per_epoch = num_examples.div_ceil(cfg.per_device_train_batch_size);
     let updates_per_epoch = (batches_per_epoch / cfg.gradient_accumulation_steps).max(1);
-    (cfg.num_train_epochs * updates_per_epoch as f64).ceil() as usize
+    let steps = (cfg.num_train_epochs * updates_per_epoch as f64).ceil();
+    ensure!(
+        steps <= MAX_COUNT as f64,
+        "num_train_epochs = {:?} makes {steps:e} optimizer steps ({updates_per_epoch} per epoch), \
+         more than {MAX_COUNT}: lower num_train_epochs or set max_steps",
+        cfg.num_train_epochs
+    );
+    Ok(steps as usize)
 }
 
 /// A seed for one micro-step's sampling, independent of everything but its inputs.

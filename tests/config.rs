@@ -241,20 +241,26 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
         ("beta=nan", &["beta", "nan"]),
         ("epsilon=-0.2", &["epsilon", "-0.2", ">= 0"]),
         ("epsilon_high=-1.0", &["epsilon_high", "-1", ">= 0"]),
-        ("max_prompt_length=0", &["max_prompt_length", "0", ">= 1"]),
+        (
+            "max_prompt_length=0",
+            &["max_prompt_length", "0", "[1, 2147483647]"],
+        ),
         (
             "max_completion_length=0",
-            &["max_completion_length", "0", ">= 1"],
+            &["max_completion_length", "0", "[1, 2147483647]"],
         ),
         (
             "per_device_train_batch_size=0",
-            &["per_device_train_batch_size", "0", ">= 1"],
+            &["per_device_train_batch_size", "0", "[1, 2147483647]"],
         ),
         (
             "gradient_accumulation_steps=0",
-            &["gradient_accumulation_steps", "0", ">= 1"],
+            &["gradient_accumulation_steps", "0", "[1, 2147483647]"],
         ),
-        ("num_iterations=0", &["num_iterations", "0", ">= 1"]),
+        (
+            "num_iterations=0",
+            &["num_iterations", "0", "[1, 2147483647]"],
+        ),
         (
             "forward_batch_size=3",
             &[
@@ -275,8 +281,11 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
         ),
         ("forward_batch_size=4", &[]),
         ("forward_batch_size=16", &[]),
-        ("logging_steps=0", &["logging_steps", "0", ">= 1"]),
-        ("save_steps=0", &["save_steps", "0", ">= 1"]),
+        (
+            "logging_steps=0",
+            &["logging_steps", "0", "[1, 2147483647]"],
+        ),
+        ("save_steps=0", &["save_steps", "0", "[1, 2147483647]"]),
         ("save_total_limit=0", &["save_total_limit", "0"]),
         (
             "learning_rate=-1e-6",
@@ -331,6 +340,46 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
             ],
         ),
         ("seed=9223372036854775807", &[]),
+        ("dataset_config=''", &["dataset_config", "non-empty"]),
+        ("dataset_revision=''", &["dataset_revision", "non-empty"]),
+        // Sizes beyond what an i32 holds are refused by name, before anything is allocated.
+        (
+            "per_device_train_batch_size=1000000000000000",
+            &[
+                "per_device_train_batch_size",
+                "1000000000000000",
+                "2147483647",
+            ],
+        ),
+        (
+            "max_completion_length=4000000000",
+            &["max_completion_length", "4000000000", "2147483647"],
+        ),
+        (
+            "num_generations=9223372036854775807",
+            &["num_generations", "9223372036854775807", "2147483647"],
+        ),
+        ("top_k=3000000000", &["top_k", "3000000000", "2147483647"]),
+        (
+            "max_steps=2147483648",
+            &["max_steps", "2147483648", "2147483647"],
+        ),
+        ("max_steps=2147483647", &[]),
+        (
+            "per_device_train_batch_size=268435456",
+            &[
+                "per_device_train_batch_size × num_generations",
+                "268435456 × 8",
+            ],
+        ),
+        ("per_device_train_batch_size=268435455", &[]),
+        (
+            "max_prompt_length=2147483500",
+            &[
+                "max_prompt_length + max_completion_length",
+                "2147483500 + 256",
+            ],
+        ),
     ] {
         let result = load_overrides(&[set]);
         if parts.is_empty() {

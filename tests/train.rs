@@ -260,7 +260,7 @@ fn total_steps_follow_the_hf_trainer() {
     let dir = tempfile::tempdir().unwrap();
     // ceil(5 / 2) = 3 micro-batches per epoch, // 2 accumulation = 1 update, x 3 epochs.
     let cfg = config(dir.path(), &["max_steps=-1", "num_train_epochs=3"]);
-    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 5), 3);
+    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 5).unwrap(), 3);
     // The recipe: 1 prompt per micro-step, accumulation 4, one epoch of 7473 GSM8K rows.
     let cfg = config(
         dir.path(),
@@ -271,14 +271,24 @@ fn total_steps_follow_the_hf_trainer() {
             "gradient_accumulation_steps=4",
         ],
     );
-    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 7473), 1868);
+    assert_eq!(
+        grpo::train::total_optimizer_steps(&cfg, 7473).unwrap(),
+        1868
+    );
     // Fractional epochs round up; fewer batches than one update still give one per epoch.
     let cfg = config(dir.path(), &["max_steps=-1", "num_train_epochs=1.5"]);
-    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 3), 2);
+    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 3).unwrap(), 2);
     // max_steps wins when positive.
     assert_eq!(
-        grpo::train::total_optimizer_steps(&config(dir.path(), &[]), 1_000_000),
+        grpo::train::total_optimizer_steps(&config(dir.path(), &[]), 1_000_000).unwrap(),
         4
+    );
+    // A huge num_train_epochs is an error naming it, not an endless run.
+    let cfg = config(dir.path(), &["max_steps=-1", "num_train_epochs=1e300"]);
+    let err = grpo::train::total_optimizer_steps(&cfg, 5).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("num_train_epochs = 1e300"),
+        "{err:#}"
     );
 }
 
