@@ -197,6 +197,26 @@ fn usage_errors_keep_clap_exit_code_2() {
         .code(2);
 }
 
+#[test]
+fn data_synth_errors_name_their_own_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    grpo()
+        .args(["data", "synth", "--out"])
+        .arg(blocker.join("out"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--out"))
+        .stderr(predicate::str::contains("--max-answer").not());
+    grpo()
+        .args(["data", "synth", "--max-answer", "5", "--out"])
+        .arg(dir.path().join("data"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--max-answer 5 is too small"));
+}
+
 /// A model folder (golden weights and tokenizer) whose files name no EOS token anywhere.
 fn model_without_eos(dir: &Path) -> PathBuf {
     let model = dir.join("model");

@@ -274,3 +274,30 @@ fn a_missing_checkpoint_folder_is_named_in_the_error() {
         .stderr(predicate::str::contains(missing.display().to_string()))
         .stderr(predicate::str::contains("no such folder"));
 }
+
+/// A split name that looks like a path cannot put the report outside `output_dir/eval` (a single
+/// parquet file answers every split name, so the run gets as far as writing).
+#[test]
+fn a_path_like_split_name_stays_inside_the_eval_folder() {
+    let work = Workspace::new();
+    let file = work.dir.path().join("data/test.parquet");
+    work.eval()
+        .args(["--split", "../../escape", "--limit", "1"])
+        .args(["--set", &format!("dataset_name={}", file.display())])
+        .assert()
+        .success();
+    let written: Vec<String> = fs::read_dir(work.output_dir().join("eval"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        written.contains(&"_._.._escape-base.json".to_string()),
+        "{written:?}"
+    );
+    for outside in [
+        work.dir.path().join("escape-base.json"),
+        work.output_dir().join("escape-base.json"),
+    ] {
+        assert!(!outside.exists(), "{} was written", outside.display());
+    }
+}

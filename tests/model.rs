@@ -664,3 +664,41 @@ fn sharded_untied_checkpoint_with_nested_rope_theta_loads() {
         );
     }
 }
+
+/// A shard index naming a file outside the model folder is refused, even when that file exists
+/// and holds valid weights.
+#[test]
+fn shard_index_naming_a_file_outside_the_folder_is_refused() {
+    let outer = tempfile::tempdir().unwrap();
+    let dir = outer.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    let golden = golden_dir();
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(golden.join(name), dir.join(name)).unwrap();
+    }
+    let weights =
+        candle_core::safetensors::load(golden.join("model.safetensors"), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&weights, outer.path().join("outside.safetensors")).unwrap();
+    for outside in [
+        "../outside.safetensors".to_string(),
+        outer
+            .path()
+            .join("outside.safetensors")
+            .display()
+            .to_string(),
+        "./../model/../outside.safetensors".to_string(),
+    ] {
+        let weight_map: serde_json::Map<String, serde_json::Value> = weights
+            .keys()
+            .map(|name| (name.clone(), outside.clone().into()))
+            .collect();
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let err = ModelFiles::resolve(dir.to_str().unwrap(), "main").unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains(&outside) && message.contains("not inside the model folder"),
+            "{message}"
+        );
+    }
+}
