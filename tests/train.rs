@@ -443,3 +443,45 @@ fn zero_max_grad_norm_trains_without_clipping() {
         assert!(norm.is_finite() && norm > 0.0, "{line}");
     }
 }
+
+/// With `num_iterations = 2` a checkpoint saved between two generations (here checkpoint-1,
+/// whose rollout step 2 trains on again) holds that rollout, so the resumed run neither samples
+/// a new one nor consumes more data: it ends bit for bit where the uninterrupted run does.
+#[test]
+fn resume_between_two_generations_continues_bit_for_bit() {
+    let extra = ["num_iterations=2", "save_steps=1", "max_steps=3"];
+    let straight = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(straight.path(), &extra)).unwrap();
+    let a = straight.path().join("out");
+    let logged = metrics(&a);
+    assert!(
+        logged
+            .iter()
+            .all(|l| l["reward_std"].as_f64().unwrap() > 0.0),
+        "the rewards vary, so a different rollout would train differently: {logged:?}"
+    );
+    let resumed = tempfile::tempdir().unwrap();
+    let resume = format!(
+        "resume_from_checkpoint={}",
+        a.join("checkpoint-1").display()
+    );
+    let mut resumed_extra = extra.to_vec();
+    resumed_extra.push(&resume);
+    grpo::train::train(&config(resumed.path(), &resumed_extra)).unwrap();
+    let b = resumed.path().join("out");
+    assert_eq!(
+        weights(&a.join("checkpoint-3/model.safetensors")),
+        weights(&b.join("checkpoint-3/model.safetensors"))
+    );
+    assert_eq!(
+        logged[1..],
+        metrics(&b)[..],
+        "steps 2 and 3 logged identically"
+    );
+    let state = |dir: &Path| grpo::checkpoint::load_state(dir).unwrap().0.data;
+    assert_eq!(
+        state(&a.join("checkpoint-3")),
+        state(&b.join("checkpoint-3")),
+        "the same data consumed"
+    );
+}
