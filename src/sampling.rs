@@ -63,17 +63,28 @@ impl TokenChooser {
         &self.params
     }
 
-    /// Chooses the next token for a row whose tokens so far (prompt and completion) are
-    /// `history`. `logits` is overwritten by the processed scores.
-    pub fn choose(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Applies the logits processors to one row in place, in transformers' order: repetition
+    /// penalty over `history` (the row's prompt and completion so far), then, when sampling,
+    /// temperature, top-k, top-p and min-p, removed tokens set to -inf. The result is the row
+    /// [`TokenChooser::choose`] samples from (or takes the argmax of, when greedy).
+    pub fn process(&mut self, logits: &mut [f32], history: &[u32]) {
         apply_repetition_penalty(logits, history, self.params.repetition_penalty);
         let Some(temperature) = self.params.temperature else {
-            return argmax(logits);
+            return;
         };
         if temperature != 1.0 {
             logits.iter_mut().for_each(|x| *x /= temperature);
         }
         self.filter(logits);
+    }
+
+    /// Chooses the next token for a row whose tokens so far (prompt and completion) are
+    /// `history`. `logits` is overwritten by the processed scores ([`TokenChooser::process`]).
+    pub fn choose(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.process(logits, history);
+        if self.params.temperature.is_none() {
+            return argmax(logits);
+        }
         let total = softmax_in_place(logits);
         let u: f64 = self.rng.random::<f64>() * total;
         let mut acc = 0.0f64;
