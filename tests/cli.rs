@@ -101,6 +101,7 @@ fn print_config_prints_the_resolved_config_with_overrides() {
 fn every_subcommand_honours_print_config() {
     for args in [
         &["train"][..],
+        &["sft"],
         &["eval", "--limit", "5"],
         &["sample", "--prompt", "1+1=?", "--json"],
         &["score", "--input", "does-not-matter.jsonl"],

@@ -578,11 +578,53 @@ fn to_toml_round_trips() {
 
 #[test]
 fn to_toml_lists_every_field() {
-    let text = Config::default().to_toml().unwrap();
-    for field in grpo::config::field_names() {
-        assert!(
-            text.contains(&field),
-            "to_toml output lacks {field}:\n{text}"
-        );
+    // The fields docs/CONFIG.md documents, one table row each: an oracle independent of the code.
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"))
+            .unwrap();
+    let mut documented: Vec<String> = docs
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split_once('`'))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    documented.sort();
+    let mut known = grpo::config::field_names();
+    known.sort();
+    assert_eq!(
+        known, documented,
+        "config keys vs the fields docs/CONFIG.md documents"
+    );
+
+    let every_option_set = load_overrides(&[
+        "epsilon_high=0.28",
+        "min_p=0.1",
+        "save_total_limit=3",
+        "reward_weights=[1.0]",
+        "reward_funcs=[\"mark\"]",
+        "resume_from_checkpoint=true",
+        "dataset_config=main",
+    ])
+    .unwrap();
+    for config in [Config::default(), every_option_set] {
+        let text = config.to_toml().unwrap();
+        // Each field is a key of the TOML table or named in the closing comment, exactly once.
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let mut listed: Vec<String> = table.keys().cloned().collect();
+        let unset_line = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# Unset, so their documented defaults apply: "));
+        let unset: Vec<String> = unset_line
+            .map(|names| names.split(", ").map(str::to_string).collect())
+            .unwrap_or_default();
+        for name in &unset {
+            assert!(
+                !table.contains_key(name),
+                "{name} both set and unset:\n{text}"
+            );
+        }
+        listed.extend(unset);
+        listed.sort();
+        assert_eq!(listed, documented, "to_toml output:\n{text}");
     }
 }

@@ -485,3 +485,145 @@ fn resume_between_two_generations_continues_bit_for_bit() {
         "the same data consumed"
     );
 }
+
+/// What a short run left behind: its logged metrics, step 1's completions (log_completions)
+/// and the final weights.
+struct Outcome {
+    metrics: Vec<serde_json::Value>,
+    completions: Vec<String>,
+    weights: Vec<(String, Vec<f32>)>,
+}
+
+fn run_with(extra: &[&str]) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sets = vec!["log_completions=true", "save_steps=100"];
+    sets.extend_from_slice(extra);
+    grpo::train::train(&config(dir.path(), &sets)).unwrap();
+    let out = dir.path().join("out");
+    let completions = std::fs::read_to_string(out.join("completions/step_1.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["completion"].as_str().unwrap().to_string()
+        })
+        .collect();
+    Outcome {
+        metrics: metrics(&out),
+        completions,
+        weights: weights(&out.join("model.safetensors")),
+    }
+}
+
+fn value(line: &serde_json::Value, key: &str) -> f64 {
+    line[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// The clip bounds reach the loss the right way round: with `epsilon = 0` every ratio below 1
+/// of a negative advantage is clipped (low) and with a huge `epsilon_high` no ratio above is
+/// (high); swapped, the other way round. Step 2 retrains step 1's rollout, so ratios move off 1.
+#[test]
+fn epsilon_low_and_high_reach_the_loss_the_right_way_round() {
+    let common = ["num_iterations=2", "max_steps=2", "learning_rate=0.05"];
+    let low_only = run_with(&[&common[..], &["epsilon=0.0", "epsilon_high=100.0"]].concat());
+    let high_only = run_with(&[&common[..], &["epsilon=100.0", "epsilon_high=0.0"]].concat());
+    let (a, b) = (&low_only.metrics[1], &high_only.metrics[1]);
+    assert!(value(a, "clip_ratio/low_mean") > 0.0, "{a}");
+    assert_eq!(value(a, "clip_ratio/high_mean"), 0.0, "{a}");
+    assert_eq!(value(b, "clip_ratio/low_mean"), 0.0, "{b}");
+    assert!(value(b, "clip_ratio/high_mean") > 0.0, "{b}");
+    for line in [a, b] {
+        let region = value(line, "clip_ratio/region_mean");
+        let sum = value(line, "clip_ratio/low_mean") + value(line, "clip_ratio/high_mean");
+        assert!((region - sum).abs() < 1e-12, "region = low + high: {line}");
+    }
+}
+
+/// `mask_truncated_completions`, `scale_rewards` and `weight_decay` change step 1 (same samples:
+/// sampling does not depend on them), each in its own way.
+#[test]
+fn loss_and_optimiser_settings_reach_the_step() {
+    let one_step = ["max_steps=1"];
+    let plain = run_with(&one_step);
+    let loss = |o: &Outcome| value(&o.metrics[0], "loss");
+    let grad_norm = |o: &Outcome| value(&o.metrics[0], "grad_norm");
+
+    // Most completions of a random model hit max_completion_length = 8: masking them changes
+    // the loss.
+    let masked = run_with(&[&one_step[..], &["mask_truncated_completions=true"]].concat());
+    assert_eq!(masked.completions, plain.completions, "same samples");
+    assert_ne!(loss(&masked), loss(&plain));
+
+    // Unscaled advantages give another gradient (group stds are not 1).
+    let unscaled = run_with(&[&one_step[..], &["scale_rewards=none"]].concat());
+    assert_eq!(unscaled.completions, plain.completions, "same samples");
+    assert_ne!(grad_norm(&unscaled), grad_norm(&plain));
+
+    // Weight decay shrinks the decayed weights only: norms and biases (the HF Trainer's
+    // no-decay group) get exactly the same update as without it.
+    let decayed = run_with(&[&one_step[..], &["weight_decay=0.5"]].concat());
+    for ((name, with), (_, without)) in decayed.weights.iter().zip(&plain.weights) {
+        let exempt = name.contains("norm") || name.ends_with("bias");
+        assert_eq!(exempt, with == without, "{name}: decayed {}", !exempt);
+    }
+}
+
+/// The logged learning rate follows `lr_scheduler_type` over the run's 4 steps (HF: step k
+/// logs the rate its update used, `lr(k - 1)`).
+#[test]
+fn lr_scheduler_type_reaches_the_optimiser() {
+    let quarter_cos = |k: f64| 0.5 * (1.0 + (std::f64::consts::PI * k / 4.0).cos());
+    for (kind, factors) in [
+        ("linear", [1.0, 0.75, 0.5, 0.25]),
+        (
+            "cosine",
+            [1.0, quarter_cos(1.0), quarter_cos(2.0), quarter_cos(3.0)],
+        ),
+        ("constant", [1.0; 4]),
+    ] {
+        let outcome = run_with(&[&format!("lr_scheduler_type={kind}")]);
+        let logged: Vec<f64> = outcome
+            .metrics
+            .iter()
+            .map(|l| value(l, "learning_rate"))
+            .collect();
+        for (got, factor) in logged.iter().zip(factors) {
+            assert!((got - 0.01 * factor).abs() < 1e-12, "{kind}: {logged:?}");
+        }
+    }
+}
+
+/// The sampling filters reach generation: each of `top_k = 1`, a tiny `top_p` and
+/// `min_p = 1` leaves only the most likely token, so every completion of a group is the same
+/// greedy text; a strong `repetition_penalty` changes that greedy text.
+#[test]
+fn sampling_settings_reach_generation() {
+    let base = ["max_steps=1", "num_generations=4", "temperature=1.0"];
+    let groups = |o: &Outcome| -> Vec<Vec<String>> {
+        o.completions.chunks(4).map(<[String]>::to_vec).collect()
+    };
+    let plain = run_with(&base);
+    assert!(
+        groups(&plain).iter().any(|g| g.iter().any(|c| c != &g[0])),
+        "plain sampling varies within a group: {:?}",
+        plain.completions
+    );
+    let greedy = run_with(&[&base[..], &["top_k=1"]].concat());
+    for filter in [&["top_k=1"][..], &["top_p=0.000001"], &["min_p=1.0"]] {
+        let outcome = run_with(&[&base[..], filter].concat());
+        for group in groups(&outcome) {
+            assert!(
+                group.iter().all(|c| c == &group[0]),
+                "{filter:?}: {group:?}"
+            );
+        }
+        assert_eq!(
+            outcome.completions, greedy.completions,
+            "{filter:?} is greedy"
+        );
+    }
+    let penalised = run_with(&[&base[..], &["top_k=1", "repetition_penalty=100.0"]].concat());
+    assert_ne!(penalised.completions, greedy.completions);
+}
