@@ -204,7 +204,6 @@ pub struct Generator {
     model: Qwen2,
     prompter: Prompter,
     stop: StopTokens,
-    max_prompt_length: usize,
     max_new_tokens: usize,
     compute_dtype: candle_core::DType,
 }
@@ -234,25 +233,22 @@ impl Generator {
             model,
             prompter,
             stop,
-            max_prompt_length: config.max_prompt_length,
             max_new_tokens: config.max_completion_length,
             compute_dtype: runtime.compute_dtype,
         })
     }
 
     /// Fails, naming `rows` (the sizes whose product is the completions generated at once) and
-    /// the length fields, when such a batch cannot fit in memory
-    /// ([`crate::memory::ensure_fits`]).
+    /// `max_completion_length`, when such a batch cannot fit in memory
+    /// ([`crate::memory::ensure_fits`]; prompts take only the positions they need, so
+    /// `max_prompt_length` is not counted).
     pub fn ensure_fits(&self, rows: &[crate::memory::Size]) -> Result<()> {
         crate::memory::ensure_fits(
             self.model.lm_head_weight().device(),
             self.model.config(),
             self.compute_dtype,
             rows,
-            &[
-                ("max_prompt_length", self.max_prompt_length),
-                ("max_completion_length", self.max_new_tokens),
-            ],
+            &[("max_completion_length", self.max_new_tokens)],
         )
     }
 

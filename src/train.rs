@@ -61,10 +61,8 @@ pub fn train(cfg: &Config) -> Result<()> {
             ),
             ("num_generations", cfg.num_generations),
         ],
-        &[
-            ("max_prompt_length", cfg.max_prompt_length),
-            ("max_completion_length", cfg.max_completion_length),
-        ],
+        // Not max_prompt_length: prompts take only the positions they need.
+        &[("max_completion_length", cfg.max_completion_length)],
     )?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
     let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;

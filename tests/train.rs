@@ -679,3 +679,15 @@ fn sampling_settings_reach_generation() {
     let penalised = run_with(&[&base[..], &["top_k=1", "repetition_penalty=100.0"]].concat());
     assert_ne!(penalised.completions, greedy.completions);
 }
+
+/// The memory check does not count `max_prompt_length` (prompts take the positions they need):
+/// a huge one, as set to mean "never truncate", still trains.
+#[test]
+fn a_huge_max_prompt_length_is_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(
+        dir.path(),
+        &["max_prompt_length=2000000000", "max_steps=1"],
+    ))
+    .unwrap();
+}
