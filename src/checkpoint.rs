@@ -68,6 +68,17 @@ pub fn save(
     ckpt: &Checkpoint,
     save_total_limit: Option<usize>,
 ) -> Result<PathBuf> {
+    save_with(output_dir, ckpt, save_total_limit, &|_| Ok(()))
+}
+
+/// [`save`], with `extra` writing more files into the checkpoint folder before it is moved into
+/// place (what a trainer needs besides the weights and optimiser to resume exactly).
+pub fn save_with(
+    output_dir: &Path,
+    ckpt: &Checkpoint,
+    save_total_limit: Option<usize>,
+    extra: &dyn Fn(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let name = format!("{PREFIX}{}", ckpt.state.global_step);
     let final_dir = output_dir.join(&name);
     let tmp_dir = output_dir.join(format!(".{name}.tmp"));
@@ -86,6 +97,7 @@ pub fn save(
         .context("cannot write the optimiser state")?;
     let state = serde_json::to_string_pretty(ckpt.state)?;
     std::fs::write(tmp_dir.join(STATE_FILE), state).context("cannot write trainer_state.json")?;
+    extra(&tmp_dir)?;
     sync_dir_files(&tmp_dir)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)
@@ -180,7 +192,8 @@ pub fn policy_tensors(policy: &Qwen2) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// Saves the policy, optimiser and trainer state as `checkpoint-<global_step>` (see [`save`]).
+/// Saves the policy, optimiser and trainer state as `checkpoint-<global_step>`, plus what
+/// `extra` writes into the folder (see [`save_with`]).
 pub fn save_training(
     output_dir: &Path,
     policy: &Qwen2,
@@ -188,6 +201,7 @@ pub fn save_training(
     state: &TrainerState,
     model_files: &[PathBuf],
     save_total_limit: Option<usize>,
+    extra: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let model = policy_tensors(policy);
     let ckpt = Checkpoint {
@@ -196,7 +210,7 @@ pub fn save_training(
         state,
         model_files,
     };
-    save(output_dir, &ckpt, save_total_limit)
+    save_with(output_dir, &ckpt, save_total_limit, extra)
 }
 
 /// Restores weights, optimiser state and progress from a checkpoint, refusing one of another

@@ -369,8 +369,7 @@ fn score(args: ScoreArgs) -> Result<()> {
 fn data_synth(args: SynthArgs) -> Result<()> {
     let train = usize::try_from(args.train).context("--train is too large")?;
     let test = usize::try_from(args.test).context("--test is too large")?;
-    crate::synth::write_dataset(&args.out, train, test, args.seed, args.max_answer)
-        .context("--max-answer")?;
+    crate::synth::write_dataset(&args.out, train, test, args.seed, args.max_answer)?;
     println!(
         "wrote {train} training and {test} test problems to {}",
         args.out.display()

@@ -43,6 +43,13 @@ pub enum ResumeFrom {
     Path(String),
 }
 
+/// The largest value of every count and size field (batch sizes, lengths, steps, `top_k`, ...),
+/// and of `per_device_train_batch_size × num_generations` and
+/// `max_prompt_length + max_completion_length`: 2^31 - 1, what an `i32` holds (AdamW's bias
+/// correction counts steps in one). Whether a run of that size fits in memory is checked when
+/// the model is known ([`crate::memory::ensure_fits`]).
+pub const MAX_COUNT: usize = i32::MAX as usize;
+
 /// The reporting integrations this build knows (`report_to`).
 pub const REPORT_TO_VALUES: &[&str] = &["none", "all", "tensorboard"];
 
@@ -54,6 +61,11 @@ pub struct Config {
     pub model_name_or_path: String,
     pub model_revision: String,
     pub dataset_name: String,
+    /// TRL ScriptArguments' `dataset_config`: the hub config (subset) folder; unset picks the
+    /// default config, or the only one holding the split.
+    pub dataset_config: Option<String>,
+    /// Hub branch, tag or commit of the dataset (ignored for local paths).
+    pub dataset_revision: String,
     pub dataset_train_split: String,
     pub dataset_test_split: String,
     pub dataset_prompt_column: String,
@@ -124,6 +136,8 @@ impl Default for Config {
             model_name_or_path: "Qwen/Qwen2.5-0.5B-Instruct".into(),
             model_revision: "main".into(),
             dataset_name: "swulling/gsm8k_chinese".into(),
+            dataset_config: None,
+            dataset_revision: "main".into(),
             dataset_train_split: "train".into(),
             dataset_test_split: "test".into(),
             dataset_prompt_column: "question_zh-cn".into(),
@@ -264,6 +278,7 @@ impl Config {
             ("model_name_or_path", &self.model_name_or_path),
             ("model_revision", &self.model_revision),
             ("dataset_name", &self.dataset_name),
+            ("dataset_revision", &self.dataset_revision),
             ("dataset_train_split", &self.dataset_train_split),
             ("dataset_test_split", &self.dataset_test_split),
             ("dataset_prompt_column", &self.dataset_prompt_column),
@@ -276,6 +291,15 @@ impl Config {
                 field,
                 Quoted(value),
                 "a non-empty string",
+            );
+        }
+
+        if let Some(subset) = &self.dataset_config {
+            check.that(
+                !subset.trim().is_empty(),
+                "dataset_config",
+                Quoted(subset),
+                "a non-empty config (subset) name, or unset",
             );
         }
 
@@ -326,10 +350,10 @@ impl Config {
             "a finite number >= 0 (0 turns clipping off)",
         );
         check.that(
-            self.max_steps == -1 || self.max_steps > 0,
+            self.max_steps == -1 || (self.max_steps > 0 && self.max_steps <= MAX_COUNT as i64),
             "max_steps",
             self.max_steps,
-            "-1 (train for num_train_epochs) or a positive step count",
+            &format!("-1 (train for num_train_epochs) or a step count in [1, {MAX_COUNT}]"),
         );
         if self.max_steps <= 0 {
             check.that(
@@ -367,6 +391,33 @@ impl Config {
                  = {g} (equal slices of one group) or a multiple of it (whole groups)"
             ),
         );
+        check.at_most("warmup_steps", self.warmup_steps);
+        check.at_most("forward_batch_size", self.forward_batch_size);
+        check.at_most("top_k", self.top_k);
+        let rows = self
+            .per_device_train_batch_size
+            .checked_mul(self.num_generations);
+        check.that(
+            rows.is_some_and(|rows| rows <= MAX_COUNT),
+            "per_device_train_batch_size × num_generations",
+            format!(
+                "{} × {}",
+                self.per_device_train_batch_size, self.num_generations
+            ),
+            &format!("at most {MAX_COUNT} completions per micro-step"),
+        );
+        let positions = self
+            .max_prompt_length
+            .checked_add(self.max_completion_length);
+        check.that(
+            positions.is_some_and(|positions| positions <= MAX_COUNT),
+            "max_prompt_length + max_completion_length",
+            format!(
+                "{} + {}",
+                self.max_prompt_length, self.max_completion_length
+            ),
+            &format!("at most {MAX_COUNT} tokens per sequence"),
+        );
         check.that(
             i64::try_from(self.seed).is_ok(),
             "seed",
@@ -378,10 +429,12 @@ impl Config {
         check.positive("save_steps", self.save_steps);
         if let Some(limit) = self.save_total_limit {
             check.that(
-                limit > 0,
+                limit > 0 && limit <= MAX_COUNT,
                 "save_total_limit",
                 limit,
-                "a positive count of checkpoints to keep, or unset to keep all",
+                &format!(
+                    "a count of checkpoints to keep in [1, {MAX_COUNT}], or unset to keep all"
+                ),
             );
         }
         for name in &self.report_to {
@@ -419,6 +472,7 @@ impl Config {
             self.num_generations,
             "an integer >= 2 (a group needs two completions to compare)",
         );
+        check.at_most("num_generations", self.num_generations);
         check.positive("max_prompt_length", self.max_prompt_length);
         check.positive("max_completion_length", self.max_completion_length);
         check.that(
@@ -537,8 +591,24 @@ impl Checker {
         self.that(ok, field, value, allowed);
     }
 
+    /// `value` in `[1, MAX_COUNT]`.
     fn positive(&mut self, field: &str, value: usize) {
-        self.that(value > 0, field, value, "an integer >= 1");
+        self.that(
+            (1..=MAX_COUNT).contains(&value),
+            field,
+            value,
+            &format!("an integer in [1, {MAX_COUNT}]"),
+        );
+    }
+
+    /// `value` at most `MAX_COUNT`.
+    fn at_most(&mut self, field: &str, value: usize) {
+        self.that(
+            value <= MAX_COUNT,
+            field,
+            value,
+            &format!("an integer in [0, {MAX_COUNT}]"),
+        );
     }
 }
 

@@ -4,7 +4,8 @@
 //! Accuracy is the mean of `correctness` (computed even when it is not a configured reward);
 //! the format rate is the fraction of completions with the full `hard_format` reward. The
 //! report goes to `output_dir/eval/<split>-<step>.json` and every completion, with its rewards,
-//! to `<split>-<step>.jsonl` next to it.
+//! to `<split>-<step>.jsonl` next to it (the split's name made safe for a file name, so no
+//! report lands outside `output_dir/eval`).
 
 use std::collections::HashMap;
 use std::fs;
@@ -157,6 +158,13 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
         &Runtime::from_config(config)?,
     )?;
     let k = options.num_samples;
+    generator.ensure_fits(&[
+        (
+            "questions per batch",
+            QUESTIONS_PER_BATCH.min(examples.len()),
+        ),
+        ("--num-samples", k),
+    ])?;
     let params = match k {
         1 => SamplingParams {
             repetition_penalty: config.repetition_penalty as f32,
@@ -168,8 +176,9 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
     let eval_dir = Path::new(&config.output_dir).join("eval");
     fs::create_dir_all(&eval_dir)
         .with_context(|| format!("creating the eval folder {}", eval_dir.display()))?;
-    let report_path = eval_dir.join(format!("{split}-{step}.json"));
-    let samples_path = eval_dir.join(format!("{split}-{step}.jsonl"));
+    let stem = format!("{}-{step}", file_name_part(&split));
+    let report_path = eval_dir.join(format!("{stem}.json"));
+    let samples_path = eval_dir.join(format!("{stem}.jsonl"));
     let mut samples = BufWriter::new(
         fs::File::create(&samples_path)
             .with_context(|| format!("creating {}", samples_path.display()))?,
@@ -246,6 +255,20 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
     fs::write(&report.report_path, text + "\n")
         .with_context(|| format!("writing {}", report.report_path.display()))?;
     Ok(report)
+}
+
+/// `name` as part of a file name in `output_dir/eval`: letters, digits, `-`, `_` and `.` are
+/// kept, anything else (path separators included) becomes `_`, and a leading `.` too, so no
+/// split name can place a report outside the folder or hide it.
+fn file_name_part(name: &str) -> String {
+    name.chars()
+        .enumerate()
+        .map(|(i, c)| match c {
+            '.' if i == 0 => '_',
+            c if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') => c,
+            _ => '_',
+        })
+        .collect()
 }
 
 /// The step a model folder stands for: `N` for `checkpoint-N`, else `final`.
@@ -382,6 +405,16 @@ mod tests {
         assert_eq!(checkpoint_step(Path::new("out/checkpoint-120/")), "120");
         assert_eq!(checkpoint_step(Path::new("out")), "final");
         assert_eq!(checkpoint_step(Path::new("out/checkpoint-x")), "final");
+    }
+
+    #[test]
+    fn split_names_cannot_leave_the_eval_folder() {
+        assert_eq!(file_name_part("test"), "test");
+        assert_eq!(file_name_part("validation_2.v1"), "validation_2.v1");
+        assert_eq!(file_name_part("../../x"), "_._.._x");
+        assert_eq!(file_name_part("/etc/passwd"), "_etc_passwd");
+        assert_eq!(file_name_part(".hidden"), "_hidden");
+        assert_eq!(file_name_part("a\\b"), "a_b");
     }
 
     #[test]

@@ -148,6 +148,14 @@ impl HubRepo {
     /// (an error in offline mode).
     pub fn file_with(&self, name: &str, settings: &HubSettings) -> Result<PathBuf> {
         self.check_names()?;
+        if !is_inside(name) {
+            bail!(
+                "file `{name}` of {} repo `{}` is not inside the repo (a relative path without \
+                 `..` is required)",
+                self.kind.describe(),
+                self.id
+            );
+        }
         if let Some(snapshot) = self.cached_snapshot(&settings.cache_dir) {
             let path = snapshot.join(name);
             if path.is_file() {
@@ -265,6 +273,15 @@ impl HubRepo {
         }
         Ok(())
     }
+}
+
+/// Whether `name` is a relative path that stays inside the folder it is relative to: only
+/// normal components (no `..`, no root, no `.`), so joining it to a folder cannot leave it.
+pub(crate) fn is_inside(name: &str) -> bool {
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|part| matches!(part, std::path::Component::Normal(_)))
 }
 
 /// A full 40-hex-digit git commit hash.

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod params;
 pub mod plot;
 pub mod progress;
 pub mod prompt;

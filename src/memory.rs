@@ -8,8 +8,15 @@
 //!   tracks itself; each step starts by resetting it to the current resident size
 //!   (`/proc/self/clear_refs`), so it is the step's own peak. Only on Linux; elsewhere the metric
 //!   is absent.
+//!
+//! Before a command allocates anything, [`ensure_fits`] refuses batch shapes whose keys, values
+//! and logits alone exceed the device's memory, naming the config fields that set them, so a huge
+//! `per_device_train_batch_size` is an error instead of an allocation failure that aborts.
 
-use candle_core::Device;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+use crate::model::Qwen2Config;
 
 /// Makes the C allocator keep and reuse freed memory instead of returning it to the system.
 ///
@@ -111,4 +118,179 @@ fn device_memory_in_use(device: &Device) -> Option<u64> {
 #[cfg(not(feature = "cuda"))]
 fn device_memory_in_use(_device: &Device) -> Option<u64> {
     None
+}
+
+/// A size that a config field or a flag sets, for messages: its name and value.
+pub type Size<'a> = (&'a str, usize);
+
+/// Fails when a forward over `rows` sequences (the product of the sizes) of `positions` tokens
+/// each (their sum; at least one) cannot fit in `device`'s memory. The bound is what such a pass
+/// must hold at once: the keys and values of every layer in `dtype` (sampling's KV cache,
+/// training's saved activations) and one row of f32 logits per sequence. The error names every
+/// size and its value. Where the memory cannot be read (a CPU other than Linux's), nothing is
+/// checked.
+pub fn ensure_fits(
+    device: &Device,
+    model: &Qwen2Config,
+    dtype: DType,
+    rows: &[Size],
+    positions: &[Size],
+) -> Result<()> {
+    let Some(capacity) = device_memory_total(device) else {
+        return Ok(());
+    };
+    let needed = lower_bound_bytes(model, dtype, rows, positions);
+    if needed <= u128::from(capacity) {
+        return Ok(());
+    }
+    let describe = |sizes: &[Size], op: &str| {
+        sizes
+            .iter()
+            .map(|(name, value)| format!("{name} = {value}"))
+            .collect::<Vec<_>>()
+            .join(op)
+    };
+    let mut shape = format!("{} sequences", describe(rows, " × "));
+    if !positions.is_empty() {
+        shape.push_str(&format!(" of up to {} tokens", describe(positions, " + ")));
+    }
+    let names: Vec<&str> = rows
+        .iter()
+        .chain(positions)
+        .map(|(name, _)| *name)
+        .collect();
+    bail!(
+        "{shape} need at least {:.1} GiB (keys and values of every layer, plus logits), more than \
+         the {:.1} GiB of memory of the {}: lower {}",
+        needed as f64 / BYTES_PER_GIB,
+        capacity as f64 / BYTES_PER_GIB,
+        if device.is_cpu() { "machine" } else { "GPU" },
+        names.join(" or ")
+    )
+}
+
+/// Bytes of keys, values and logits of `rows` × `positions` (see [`ensure_fits`]), saturating.
+fn lower_bound_bytes(model: &Qwen2Config, dtype: DType, rows: &[Size], positions: &[Size]) -> u128 {
+    let rows = rows
+        .iter()
+        .fold(1u128, |n, &(_, value)| n.saturating_mul(value as u128));
+    let positions = positions
+        .iter()
+        .fold(0u128, |n, &(_, value)| n.saturating_add(value as u128))
+        .max(1);
+    let per_token = [
+        model.num_hidden_layers,
+        2,
+        model.num_key_value_heads,
+        model.head_dim,
+        dtype.size_in_bytes(),
+    ]
+    .iter()
+    .fold(1u128, |n, &factor| n.saturating_mul(factor as u128));
+    let per_row = positions
+        .saturating_mul(per_token)
+        .saturating_add((model.vocab_size as u128).saturating_mul(4));
+    rows.saturating_mul(per_row)
+}
+
+/// The device's memory in bytes: the machine's (`MemTotal`) for the CPU, the GPU's total for
+/// CUDA; `None` where it cannot be read.
+fn device_memory_total(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line
+                .trim_start_matches("MemTotal:")
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kib * 1024)
+        }
+        _ => device_memory_capacity(device),
+    }
+}
+
+/// Total memory of a CUDA device, in bytes; `None` on other devices.
+#[cfg(feature = "cuda")]
+fn device_memory_capacity(device: &Device) -> Option<u64> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (_free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some(total as u64)
+}
+
+/// Total memory of a CUDA device: never, in a build without CUDA.
+#[cfg(not(feature = "cuda"))]
+fn device_memory_capacity(_device: &Device) -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> Qwen2Config {
+        Qwen2Config {
+            vocab_size: 1000,
+            hidden_size: 64,
+            intermediate_size: 160,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            max_position_embeddings: 512,
+            rope_theta: 1e6,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+        }
+    }
+
+    #[test]
+    fn the_bound_counts_keys_values_and_logits() {
+        // 2 layers x (K, V) x 2 heads x 16 dims x 4 bytes = 512 bytes a token; 4000 of logits.
+        let bytes = lower_bound_bytes(&model(), DType::F32, &[("b", 3), ("g", 2)], &[("p", 10)]);
+        assert_eq!(bytes, 6 * (10 * 512 + 4000));
+        let bf16 = lower_bound_bytes(&model(), DType::BF16, &[("b", 1)], &[("p", 3), ("c", 7)]);
+        assert_eq!(bf16, 10 * 256 + 4000);
+        let huge = lower_bound_bytes(
+            &model(),
+            DType::F32,
+            &[("b", usize::MAX)],
+            &[("c", usize::MAX)],
+        );
+        assert_eq!(huge, u128::MAX, "saturates instead of wrapping around");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn sizes_beyond_memory_are_refused_by_name() {
+        let err = ensure_fits(
+            &Device::Cpu,
+            &model(),
+            DType::F32,
+            &[
+                ("per_device_train_batch_size", 1 << 40),
+                ("num_generations", 8),
+            ],
+            &[("max_prompt_length", 512), ("max_completion_length", 256)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("per_device_train_batch_size = 1099511627776")
+                && err.contains("max_completion_length = 256")
+                && err.contains("lower per_device_train_batch_size or num_generations"),
+            "{err}"
+        );
+        ensure_fits(
+            &Device::Cpu,
+            &model(),
+            DType::F32,
+            &[("per_device_train_batch_size", 8), ("num_generations", 8)],
+            &[("max_prompt_length", 512), ("max_completion_length", 256)],
+        )
+        .unwrap();
+    }
 }

@@ -119,18 +119,6 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
-impl AdamWParams {
-    /// The config's `adam_beta1`, `adam_beta2`, `adam_epsilon` and `weight_decay`.
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
-        Self {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        }
-    }
-}
-
 impl Default for AdamWParams {
     /// The HF `TrainingArguments` defaults.
     fn default() -> Self {
@@ -214,9 +202,10 @@ impl AdamW {
         Ok(Self { params, hyper })
     }
 
-    /// Clips `grads` to `max_norm` and updates at `lr`, unless the step's `loss` or the gradient
-    /// norm is not finite: then no weight and no moment changes. Returns the pre-clip norm and
-    /// whether the update was applied.
+    /// Clips `grads` to `max_norm` (`0`: no clipping, as the HF Trainer with
+    /// `max_grad_norm = 0`) and updates at `lr`, unless the step's `loss` or the gradient norm is
+    /// not finite: then no weight and no moment changes. Returns the pre-clip norm (measured
+    /// also without clipping) and whether the update was applied.
     pub fn clipped_step(
         &mut self,
         grads: &mut Gradients,
@@ -224,7 +213,11 @@ impl AdamW {
         max_norm: f64,
         lr: f64,
     ) -> Result<(f64, bool)> {
-        let grad_norm = grads.clip_global_norm(max_norm)?;
+        let grad_norm = if max_norm > 0.0 {
+            grads.clip_global_norm(max_norm)?
+        } else {
+            grads.global_norm()?
+        };
         let finite = loss.is_finite() && grad_norm.is_finite();
         if finite {
             self.step(grads, lr)?;
@@ -400,16 +393,6 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    /// The config's schedule (`lr_scheduler_type`, `learning_rate`, warmup) over `total_steps`.
-    pub fn from_config(cfg: &crate::config::Config, total_steps: usize) -> Self {
-        Self {
-            kind: cfg.lr_scheduler_type,
-            peak_lr: cfg.learning_rate,
-            warmup_steps: warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
-            total_steps,
-        }
-    }
-
     /// The learning rate of the `(updates_done + 1)`-th optimizer update, i.e. after the
     /// scheduler has stepped `updates_done` times. The first update of a warmup therefore uses
     /// lr 0, and the HF Trainer logs `lr(k - 1)` at global step `k`.

@@ -2,7 +2,7 @@
 //! `resume_from_checkpoint`, the metrics log and `log_history`, saving on `save_steps` or on
 //! Ctrl-C, and writing the final model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use tracing::{info, warn};
@@ -16,6 +16,8 @@ use crate::optim::AdamW;
 /// One training run's progress and outputs.
 pub struct Run {
     pub state: TrainerState,
+    /// The checkpoint the run resumed from, if any.
+    pub resumed_from: Option<PathBuf>,
     output_dir: PathBuf,
     log: MetricsLog,
     model_files: Vec<PathBuf>,
@@ -57,6 +59,7 @@ impl Run {
         checkpoint::stop_on_ctrl_c();
         Ok(Run {
             state,
+            resumed_from: resume_dir,
             model_files: checkpoint::model_side_files(files)?,
             output_dir,
             log,
@@ -79,6 +82,16 @@ impl Run {
     /// Saves a checkpoint when `save_steps` says so or Ctrl-C was pressed; returns whether the
     /// loop must stop (Ctrl-C).
     pub fn save_if_due(&self, policy: &Qwen2, optimizer: &AdamW) -> Result<bool> {
+        self.save_if_due_with(policy, optimizer, &|_| Ok(()))
+    }
+
+    /// [`Run::save_if_due`], with `extra` writing more files into the checkpoint folder.
+    pub fn save_if_due_with(
+        &self,
+        policy: &Qwen2,
+        optimizer: &AdamW,
+        extra: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<bool> {
         let step = self.state.global_step;
         let stopping = checkpoint::stop_requested();
         if (self.save_steps > 0 && step % self.save_steps as u64 == 0) || stopping {
@@ -89,6 +102,7 @@ impl Run {
                 &self.state,
                 &self.model_files,
                 self.save_total_limit,
+                extra,
             )?;
             info!("saved {}", dir.display());
         }

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::config::Config;
 use crate::data::{Dataset, DatasetSpec};
 use crate::device::Runtime;
-use crate::grpo::{self, ScaleRewards};
+use crate::grpo;
 use crate::model::{ModelFiles, Qwen2};
 use crate::prompt::{ChatTokenizer, Prompter};
 use crate::rewards::{Completion, RewardSet};
@@ -42,7 +42,8 @@ pub struct SampledCompletion {
     pub rewards: Vec<(String, f64)>,
     /// The weighted sum of `rewards`.
     pub reward: f64,
-    /// `(reward - group mean) / (group std + 1e-4)`, unbiased std (0 for a single completion).
+    /// `reward - group mean`, divided by `std + 1e-4` (unbiased std, 0 for a single
+    /// completion) unless `scale_rewards = "none"`; with one prompt the group is the batch.
     pub advantage: f64,
     /// Tokens generated, EOS included.
     pub length: usize,
@@ -106,6 +107,11 @@ pub fn run(
         &Runtime::from_config(config)?,
     )?;
     let group_size = num_generations.unwrap_or(config.num_generations);
+    let flag = match num_generations {
+        Some(_) => "--num-generations",
+        None => "num_generations",
+    };
+    generator.ensure_fits(&[(flag, group_size)])?;
     let completions = generator.complete(
         &[question.as_str()],
         group_size,
@@ -125,7 +131,7 @@ pub fn run(
         })
         .collect();
     let weighted = grpo::weighted_rewards(&scores, rewards.weights())?;
-    let advantages = grpo::group_advantages(&weighted, group_size, ScaleRewards::Group)?;
+    let advantages = grpo::group_advantages(&weighted, group_size, config.scale_rewards)?;
     let totals: Vec<f64> = weighted.iter().map(|&r| f64::from(r)).collect();
     let advantages = advantages.advantages.iter().map(|&a| f64::from(a));
     Ok(completions
@@ -201,6 +207,7 @@ pub struct Generator {
     max_new_tokens: usize,
     /// The model folder or hub id, named in errors.
     source: String,
+    compute_dtype: candle_core::DType,
 }
 
 impl Generator {
@@ -230,7 +237,22 @@ impl Generator {
             stop,
             max_new_tokens: config.max_completion_length,
             source: model_name_or_path.to_owned(),
+            compute_dtype: runtime.compute_dtype,
         })
+    }
+
+    /// Fails, naming `rows` (the sizes whose product is the completions generated at once) and
+    /// `max_completion_length`, when such a batch cannot fit in memory
+    /// ([`crate::memory::ensure_fits`]; prompts take only the positions they need, so
+    /// `max_prompt_length` is not counted).
+    pub fn ensure_fits(&self, rows: &[crate::memory::Size]) -> Result<()> {
+        crate::memory::ensure_fits(
+            self.model.lm_head_weight().device(),
+            self.model.config(),
+            self.compute_dtype,
+            rows,
+            &[("max_completion_length", self.max_new_tokens)],
+        )
     }
 
     /// `group_size` completions of each question, rows `q * group_size + g` for question `q`.

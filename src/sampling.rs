@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::Config;
 use crate::model::{position_ids_from_mask, ModelFiles, Qwen2};
 use crate::prompt::{left_pad, ChatTokenizer};
 
@@ -31,18 +30,6 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// The config's sampling settings (`temperature`, `top_k`, `top_p`, `min_p`,
-    /// `repetition_penalty`).
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            temperature: Some(config.temperature as f32),
-            top_k: config.top_k,
-            top_p: config.top_p as f32,
-            min_p: config.min_p.unwrap_or(0.0) as f32,
-            repetition_penalty: config.repetition_penalty as f32,
-        }
-    }
-
     /// Argmax decoding (with the repetition penalty still applied, as transformers does).
     pub fn greedy() -> Self {
         Self {
@@ -76,17 +63,28 @@ impl TokenChooser {
         &self.params
     }
 
-    /// Chooses the next token for a row whose tokens so far (prompt and completion) are
-    /// `history`. `logits` is overwritten by the processed scores.
-    pub fn choose(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Applies the logits processors to one row in place, in transformers' order: repetition
+    /// penalty over `history` (the row's prompt and completion so far), then, when sampling,
+    /// temperature, top-k, top-p and min-p, removed tokens set to -inf. The result is the row
+    /// [`TokenChooser::choose`] samples from (or takes the argmax of, when greedy).
+    pub fn process(&mut self, logits: &mut [f32], history: &[u32]) {
         apply_repetition_penalty(logits, history, self.params.repetition_penalty);
         let Some(temperature) = self.params.temperature else {
-            return argmax(logits);
+            return;
         };
         if temperature != 1.0 {
             logits.iter_mut().for_each(|x| *x /= temperature);
         }
         self.filter(logits);
+    }
+
+    /// Chooses the next token for a row whose tokens so far (prompt and completion) are
+    /// `history`. `logits` is overwritten by the processed scores ([`TokenChooser::process`]).
+    pub fn choose(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.process(logits, history);
+        if self.params.temperature.is_none() {
+            return argmax(logits);
+        }
         let total = softmax_in_place(logits);
         let u: f64 = self.rng.random::<f64>() * total;
         let mut acc = 0.0f64;
@@ -186,13 +184,15 @@ pub struct Completions {
 /// The ids that end a completion and the id that pads after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StopTokens {
+    /// Never empty when built by [`StopTokens::resolve`].
     pub eos_ids: Vec<u32>,
     pub pad_id: u32,
 }
 
 impl StopTokens {
     /// As TRL: generation_config's EOS ids plus the tokenizer's EOS; the tokenizer's pad token,
-    /// else the first EOS.
+    /// else the first EOS. Every command resolves them at start-up, before loading weights or
+    /// data: a model that names no EOS token is an error, as its completions could never stop.
     pub fn resolve(files: &ModelFiles, tokenizer: &ChatTokenizer) -> Result<Self> {
         let mut eos_ids = files.eos_token_ids.clone();
         if let Some(eos) = tokenizer.eos_token_id() {
@@ -200,15 +200,22 @@ impl StopTokens {
                 eos_ids.push(eos);
             }
         }
-        let Some(pad_id) = tokenizer.pad_token_id().or(eos_ids.first().copied()) else {
+        let Some(&first_eos) = eos_ids.first() else {
             bail!(
                 "model {:?} names no EOS token (generation_config.json, config.json and \
                  tokenizer_config.json have none), so completions could never stop; add \
-                 eos_token_id to its generation_config.json",
+                 eos_token_id to its generation_config.json (or eos_token to its \
+                 tokenizer_config.json)",
                 files.source
             );
         };
+        let pad_id = tokenizer.pad_token_id().unwrap_or(first_eos);
         Ok(Self { eos_ids, pad_id })
+    }
+
+    /// The first EOS id (generation_config's first, else the tokenizer's).
+    pub fn first_eos(&self) -> u32 {
+        self.eos_ids.first().copied().unwrap_or(self.pad_id)
     }
 }
 

@@ -57,12 +57,23 @@ pub fn sft(cfg: &Config) -> Result<()> {
     let output_dir = PathBuf::from(&cfg.output_dir);
     checkpoint::ensure_writable(&output_dir)?;
     let files = ModelFiles::resolve(&cfg.model_name_or_path, &cfg.model_revision)?;
+    // Targets are cut to what they need, so only the batch size can be absurd here.
+    crate::memory::ensure_fits(
+        &device,
+        &files.config,
+        runtime.compute_dtype,
+        &[(
+            "per_device_train_batch_size",
+            cfg.per_device_train_batch_size,
+        )],
+        &[],
+    )?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
     let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;
     let stop = StopTokens::resolve(&files, &tokenizer)?;
     let end_of_turn = tokenizer
         .token_to_id("<|im_end|>")
-        .unwrap_or(stop.eos_ids[0]);
+        .unwrap_or(stop.first_eos());
     let policy = Qwen2::load_policy(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?;
     let spec = DatasetSpec {
         answer_column: cfg.dataset_solution_column.clone(),
@@ -87,7 +98,7 @@ pub fn sft(cfg: &Config) -> Result<()> {
             cfg.dataset_name
         );
     }
-    let total_steps = total_optimizer_steps(cfg, dataset.len());
+    let total_steps = total_optimizer_steps(cfg, dataset.len())?;
     let schedule = LrSchedule::from_config(cfg, total_steps);
     let mut optimizer = AdamW::new(
         policy.named_parameters(),

@@ -93,7 +93,7 @@ pub struct Problem {
 /// `max_answer`, the same for the same `seed`.
 pub fn generate(n: usize, seed: u64, max_answer: u32) -> Result<Vec<Problem>> {
     if max_answer < MIN_MAX_ANSWER {
-        bail!("max answer {max_answer} is too small: use at least {MIN_MAX_ANSWER}");
+        bail!("--max-answer {max_answer} is too small: use at least {MIN_MAX_ANSWER}");
     }
     if n == 0 {
         bail!("cannot generate 0 problems: ask for at least 1");
@@ -123,13 +123,16 @@ pub fn write_dataset(
     max_answer: u32,
 ) -> Result<()> {
     if train == 0 || test == 0 {
-        bail!("the train and test splits need at least 1 problem each (got train {train}, test {test})");
+        bail!(
+            "the train and test splits need at least 1 problem each (got --train {train}, \
+             --test {test})"
+        );
     }
     let total = train
         .checked_add(test)
         .filter(|&total| total <= MAX_PROBLEMS)
         .with_context(|| {
-            format!("train {train} + test {test} problems exceed the limit of {MAX_PROBLEMS}")
+            format!("--train {train} + --test {test} problems exceed the limit of {MAX_PROBLEMS}")
         })?;
     // One duplicate-free stream split in two keeps the splits disjoint.
     let mut problems = generate(total, seed, max_answer)?;

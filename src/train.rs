@@ -23,11 +23,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use tracing::{info, warn};
 
 use crate::checkpoint;
-use crate::config::Config;
+use crate::config::{Config, MAX_COUNT};
 use crate::data::{Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
 use crate::grpo::{
@@ -51,8 +51,23 @@ pub fn train(cfg: &Config) -> Result<()> {
     let output_dir = PathBuf::from(&cfg.output_dir);
     checkpoint::ensure_writable(&output_dir)?;
     let files = ModelFiles::resolve(&cfg.model_name_or_path, &cfg.model_revision)?;
+    memory::ensure_fits(
+        &device,
+        &files.config,
+        runtime.compute_dtype,
+        &[
+            (
+                "per_device_train_batch_size",
+                cfg.per_device_train_batch_size,
+            ),
+            ("num_generations", cfg.num_generations),
+        ],
+        // Not max_prompt_length: prompts take only the positions they need.
+        &[("max_completion_length", cfg.max_completion_length)],
+    )?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
     let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;
+    let stop = StopTokens::resolve(&files, &tokenizer)?;
     let policy = Qwen2::load_policy(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?;
     let reference = match cfg.beta {
         0.0 => None,
@@ -62,8 +77,7 @@ pub fn train(cfg: &Config) -> Result<()> {
     };
     let dataset = Dataset::load(&DatasetSpec::from_config(cfg, &cfg.dataset_train_split))?;
     let rewards = RewardSet::from_config(cfg)?;
-    let stop = StopTokens::resolve(&files, &tokenizer)?;
-    let total_steps = total_optimizer_steps(cfg, dataset.len());
+    let total_steps = total_optimizer_steps(cfg, dataset.len())?;
     let schedule = LrSchedule::from_config(cfg, total_steps);
     let mut optimizer = AdamW::new(
         policy.named_parameters(),
@@ -83,7 +97,14 @@ pub fn train(cfg: &Config) -> Result<()> {
     );
 
     // ---- the loop: one iteration per optimizer step -------------------------------------------
-    let mut rollouts: Vec<Rollout> = Vec::new();
+    // A checkpoint saved between two generations (num_iterations > 1) holds the rollouts the
+    // next steps still train on.
+    let mut rollouts: Vec<Rollout> = match &run.resumed_from {
+        Some(dir) if run.state.global_step % cfg.num_iterations as u64 != 0 => {
+            load_rollouts(dir, &device)?
+        }
+        _ => Vec::new(),
+    };
     let mut meters = Meters {
         memory: PeakMemory::new(&device),
         stopwatch: Stopwatch::new(&device),
@@ -224,11 +245,15 @@ pub fn train(cfg: &Config) -> Result<()> {
                 ),
             );
         }
-        if cfg.log_completions {
+        if cfg.log_completions && step % cfg.logging_steps as u64 == 0 {
             write_completions(&output_dir, step, &rollouts)?;
         }
         progress.set(step);
-        if run.save_if_due(&policy, &optimizer)? {
+        let pending = |dir: &Path| match step % cfg.num_iterations as u64 {
+            0 => Ok(()),
+            _ => save_rollouts(dir, &rollouts),
+        };
+        if run.save_if_due_with(&policy, &optimizer, &pending)? {
             return Ok(());
         }
     }
@@ -260,6 +285,151 @@ impl Rollout {
         prompt as u64 * self.batch.group_size as u64
             + self.completions.lengths.iter().sum::<usize>() as u64
     }
+}
+
+/// Checkpoint files holding the rollouts of a checkpoint saved between two generations
+/// (`num_iterations > 1`): their tensors, and their texts and lengths.
+const ROLLOUTS_TENSORS: &str = "rollouts.safetensors";
+const ROLLOUTS_JSON: &str = "rollouts.json";
+
+/// What of a rollout is not a tensor, as saved in [`ROLLOUTS_JSON`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedRollout {
+    /// (question, answer) per prompt.
+    examples: Vec<(String, String)>,
+    texts: Vec<String>,
+    lengths: Vec<usize>,
+    truncated: Vec<bool>,
+    group_size: usize,
+}
+
+/// Writes `rollouts` into the checkpoint folder `dir`, exactly (tensors as safetensors), so a
+/// run resumed from it trains on the same completions, advantages and old log-probs.
+fn save_rollouts(dir: &Path, rollouts: &[Rollout]) -> Result<()> {
+    let cpu = Device::Cpu;
+    let mut tensors = std::collections::HashMap::new();
+    let mut saved = Vec::with_capacity(rollouts.len());
+    for (i, r) in rollouts.iter().enumerate() {
+        let b = &r.batch;
+        let rows = r.rewards_per_func.len();
+        let per_func: Vec<f64> = r.rewards_per_func.concat();
+        let advantages = &r.advantages;
+        let mut put = |name: &str, t: Tensor| tensors.insert(format!("{i}.{name}"), t);
+        put("prompt_ids", b.prompt_ids.to_device(&cpu)?);
+        put("prompt_mask", b.prompt_mask.to_device(&cpu)?);
+        put("completion_ids", b.completion_ids.to_device(&cpu)?);
+        put("mask", b.mask.to_device(&cpu)?);
+        put("advantages", b.advantages.to_device(&cpu)?);
+        if let Some(old) = &b.old_logp {
+            put("old_logp", old.to_device(&cpu)?);
+        }
+        let width = per_func.len().checked_div(rows).unwrap_or(0);
+        put(
+            "rewards_per_func",
+            Tensor::from_vec(per_func, (rows, width), &cpu)?,
+        );
+        put("rewards", Tensor::new(advantages.rewards.as_slice(), &cpu)?);
+        put(
+            "group_mean",
+            Tensor::new(advantages.group_mean.as_slice(), &cpu)?,
+        );
+        put("std", Tensor::new(advantages.std.as_slice(), &cpu)?);
+        put(
+            "advantage_values",
+            Tensor::new(advantages.advantages.as_slice(), &cpu)?,
+        );
+        saved.push(SavedRollout {
+            examples: r
+                .examples
+                .iter()
+                .map(|e| (e.question.clone(), e.answer.clone()))
+                .collect(),
+            texts: r.texts.clone(),
+            lengths: r.completions.lengths.clone(),
+            truncated: r.completions.truncated.clone(),
+            group_size: b.group_size,
+        });
+    }
+    candle_core::safetensors::save(&tensors, dir.join(ROLLOUTS_TENSORS))
+        .context("cannot write the pending rollouts")?;
+    std::fs::write(dir.join(ROLLOUTS_JSON), serde_json::to_string(&saved)?)
+        .context("cannot write the pending rollouts")
+}
+
+/// The rollouts [`save_rollouts`] wrote into checkpoint `dir`, on `device`. A checkpoint
+/// without them (written before they were saved) gets a warning and fresh rollouts.
+fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
+    let json_path = dir.join(ROLLOUTS_JSON);
+    if !json_path.is_file() {
+        warn!(
+            "{} holds no {ROLLOUTS_JSON}: the rollout of its step is generated again, so the run \
+             does not continue exactly",
+            dir.display()
+        );
+        return Ok(Vec::new());
+    }
+    let bad = || {
+        format!(
+            "{} is damaged: resume from another checkpoint",
+            json_path.display()
+        )
+    };
+    let saved: Vec<SavedRollout> =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).with_context(bad)?)
+            .with_context(bad)?;
+    let tensors = candle_core::safetensors::load(dir.join(ROLLOUTS_TENSORS), &Device::Cpu)
+        .with_context(|| format!("cannot read {}", dir.join(ROLLOUTS_TENSORS).display()))?;
+    saved
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let get = |name: &str| {
+                tensors
+                    .get(&format!("{i}.{name}"))
+                    .cloned()
+                    .with_context(|| {
+                        format!("{ROLLOUTS_TENSORS} in {} lacks {i}.{name}", dir.display())
+                    })
+            };
+            let on_device = |name: &str| -> Result<Tensor> { Ok(get(name)?.to_device(device)?) };
+            let completion_ids = get("completion_ids")?;
+            let mask = get("mask")?;
+            let batch = TrainBatch {
+                prompt_ids: on_device("prompt_ids")?,
+                prompt_mask: on_device("prompt_mask")?,
+                completion_ids: completion_ids.to_device(device)?,
+                mask: mask.to_device(device)?,
+                advantages: on_device("advantages")?,
+                old_logp: match tensors.contains_key(&format!("{i}.old_logp")) {
+                    true => Some(on_device("old_logp")?),
+                    false => None,
+                },
+                group_size: s.group_size,
+            };
+            Ok(Rollout {
+                examples: s
+                    .examples
+                    .into_iter()
+                    .map(|(question, answer)| Example { question, answer })
+                    .collect(),
+                completions: CompletionBatch {
+                    ids: completion_ids.to_vec2()?,
+                    mask: mask.to_vec2()?,
+                    lengths: s.lengths,
+                    truncated: s.truncated,
+                },
+                texts: s.texts,
+                rewards_per_func: get("rewards_per_func")?.to_vec2()?,
+                advantages: Advantages {
+                    rewards: get("rewards")?.to_vec1()?,
+                    group_mean: get("group_mean")?.to_vec1()?,
+                    std: get("std")?.to_vec1()?,
+                    advantages: get("advantage_values")?.to_vec1()?,
+                },
+                batch,
+            })
+        })
+        .collect()
 }
 
 /// Prompts with `group_size` completions each, as the training forward takes them: a whole
@@ -496,14 +666,22 @@ fn rollout(
 }
 
 /// Optimizer updates of the run, as the HF Trainer computes them: `max_steps` when positive,
-/// else `ceil(num_train_epochs * max(ceil(N / batch) // accumulation, 1))`.
-pub fn total_optimizer_steps(cfg: &Config, num_examples: usize) -> usize {
+/// else `ceil(num_train_epochs * max(ceil(N / batch) // accumulation, 1))`, which must not
+/// exceed [`MAX_COUNT`] (so a huge `num_train_epochs` is an error, not an endless run).
+pub fn total_optimizer_steps(cfg: &Config, num_examples: usize) -> Result<usize> {
     if cfg.max_steps > 0 {
-        return cfg.max_steps as usize;
+        return Ok(cfg.max_steps as usize);
     }
     let batches_per_epoch = num_examples.div_ceil(cfg.per_device_train_batch_size);
     let updates_per_epoch = (batches_per_epoch / cfg.gradient_accumulation_steps).max(1);
-    (cfg.num_train_epochs * updates_per_epoch as f64).ceil() as usize
+    let steps = (cfg.num_train_epochs * updates_per_epoch as f64).ceil();
+    ensure!(
+        steps <= MAX_COUNT as f64,
+        "num_train_epochs = {:?} makes {steps:e} optimizer steps ({updates_per_epoch} per epoch), \
+         more than {MAX_COUNT}: lower num_train_epochs or set max_steps",
+        cfg.num_train_epochs
+    );
+    Ok(steps as usize)
 }
 
 /// A seed for one micro-step's sampling, independent of everything but its inputs.
@@ -635,7 +813,6 @@ fn log_skipped_batch(output_dir: &Path, step: u64, rollouts: &[Rollout]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     /// 2 prompts x 2 completions whose masks cover 1, 3 | 2, 2 of 4 positions.
     fn batch() -> TrainBatch {

@@ -1,5 +1,7 @@
 //! The `grpo` binary: help text, `--print-config`, exit codes and error messages.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
@@ -99,6 +101,7 @@ fn print_config_prints_the_resolved_config_with_overrides() {
 fn every_subcommand_honours_print_config() {
     for args in [
         &["train"][..],
+        &["sft"],
         &["eval", "--limit", "5"],
         &["sample", "--prompt", "1+1=?", "--json"],
         &["score", "--input", "does-not-matter.jsonl"],
@@ -193,4 +196,153 @@ fn usage_errors_keep_clap_exit_code_2() {
         .args(["sample", "--prompt", "x", "--index", "3"])
         .assert()
         .code(2);
+}
+
+#[test]
+fn data_synth_errors_name_their_own_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    grpo()
+        .args(["data", "synth", "--out"])
+        .arg(blocker.join("out"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--out"))
+        .stderr(predicate::str::contains("--max-answer").not());
+    grpo()
+        .args(["data", "synth", "--max-answer", "5", "--out"])
+        .arg(dir.path().join("data"))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--max-answer 5 is too small"));
+}
+
+/// A model folder (golden weights and tokenizer) whose files name no EOS token anywhere.
+fn model_without_eos(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir(&model).unwrap();
+    let golden = common::golden_dir();
+    for name in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(golden.join(name), model.join(name)).unwrap();
+    }
+    for name in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+    ] {
+        let text = std::fs::read_to_string(golden.join(name)).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("eos_token_id");
+        fields.remove("eos_token");
+        std::fs::write(model.join(name), json.to_string()).unwrap();
+    }
+    model
+}
+
+/// `--set` arguments for a tiny run of the model at `model` on a 2-row dataset in `dir`.
+fn tiny_run(dir: &Path, model: &Path) -> Vec<String> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for split in ["train", "test"] {
+        common::write_qa_parquet(
+            &data.join(format!("{split}.parquet")),
+            &["1+1=?", "2+2=?"],
+            &["2", "4"],
+        );
+    }
+    [
+        format!("model_name_or_path={}", model.display()),
+        format!("dataset_name={}", data.display()),
+        format!("output_dir={}", dir.join("out").display()),
+        "dataset_solution_column=answer_only".into(),
+        "per_device_train_batch_size=2".into(),
+        "num_generations=2".into(),
+        "max_completion_length=4".into(),
+        "max_steps=1".into(),
+        "device=cpu".into(),
+    ]
+    .into_iter()
+    .flat_map(|set| ["--set".to_string(), set])
+    .collect()
+}
+
+/// Every command that generates or trains checks the stop tokens at start-up: a model without
+/// an EOS token is an error naming the fix, not a panic (sft), a wasted sampling pass (train) or
+/// completions that silently run to max_completion_length (sample, eval).
+#[test]
+fn a_model_without_eos_is_refused_by_every_command_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_without_eos(dir.path());
+    let sets = tiny_run(dir.path(), &model);
+    for command in [
+        &["train"][..],
+        &["sft"],
+        &["sample", "--prompt", "1+1=?"],
+        &["eval"],
+    ] {
+        grpo()
+            .args(command)
+            .args(&sets)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("names no EOS token"))
+            .stderr(predicate::str::contains("eos_token_id"))
+            .stderr(predicate::str::contains("panicked").not());
+    }
+    assert!(
+        !dir.path().join("out/metrics.jsonl").exists(),
+        "no training step ran"
+    );
+}
+
+/// Sizes the config accepts but no memory holds are an error naming them, checked before any
+/// allocation (which would abort the process instead).
+#[test]
+fn sizes_beyond_memory_are_errors_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = tiny_run(dir.path(), &common::golden_dir());
+    for (command, extra, culprit) in [
+        (
+            &["train"][..],
+            "per_device_train_batch_size=268435455",
+            "per_device_train_batch_size = 268435455",
+        ),
+        (
+            &["train"],
+            "max_completion_length=2000000000",
+            "max_completion_length = 2000000000",
+        ),
+        (
+            &["sft"],
+            "per_device_train_batch_size=1073741823",
+            "per_device_train_batch_size = 1073741823",
+        ),
+        (
+            &[
+                "sample",
+                "--prompt",
+                "1+1=?",
+                "--num-generations",
+                "100000000000",
+            ],
+            "seed=1",
+            "--num-generations = 100000000000",
+        ),
+        (
+            &["eval", "--num-samples", "100000000000"],
+            "seed=1",
+            "--num-samples = 100000000000",
+        ),
+    ] {
+        grpo()
+            .args(command)
+            .args(&sets)
+            .args(["--set", extra])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(culprit))
+            .stderr(predicate::str::contains("GiB of memory"));
+    }
 }

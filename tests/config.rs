@@ -241,20 +241,26 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
         ("beta=nan", &["beta", "nan"]),
         ("epsilon=-0.2", &["epsilon", "-0.2", ">= 0"]),
         ("epsilon_high=-1.0", &["epsilon_high", "-1", ">= 0"]),
-        ("max_prompt_length=0", &["max_prompt_length", "0", ">= 1"]),
+        (
+            "max_prompt_length=0",
+            &["max_prompt_length", "0", "[1, 2147483647]"],
+        ),
         (
             "max_completion_length=0",
-            &["max_completion_length", "0", ">= 1"],
+            &["max_completion_length", "0", "[1, 2147483647]"],
         ),
         (
             "per_device_train_batch_size=0",
-            &["per_device_train_batch_size", "0", ">= 1"],
+            &["per_device_train_batch_size", "0", "[1, 2147483647]"],
         ),
         (
             "gradient_accumulation_steps=0",
-            &["gradient_accumulation_steps", "0", ">= 1"],
+            &["gradient_accumulation_steps", "0", "[1, 2147483647]"],
         ),
-        ("num_iterations=0", &["num_iterations", "0", ">= 1"]),
+        (
+            "num_iterations=0",
+            &["num_iterations", "0", "[1, 2147483647]"],
+        ),
         (
             "forward_batch_size=3",
             &[
@@ -275,8 +281,11 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
         ),
         ("forward_batch_size=4", &[]),
         ("forward_batch_size=16", &[]),
-        ("logging_steps=0", &["logging_steps", "0", ">= 1"]),
-        ("save_steps=0", &["save_steps", "0", ">= 1"]),
+        (
+            "logging_steps=0",
+            &["logging_steps", "0", "[1, 2147483647]"],
+        ),
+        ("save_steps=0", &["save_steps", "0", "[1, 2147483647]"]),
         ("save_total_limit=0", &["save_total_limit", "0"]),
         (
             "learning_rate=-1e-6",
@@ -331,6 +340,46 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
             ],
         ),
         ("seed=9223372036854775807", &[]),
+        ("dataset_config=''", &["dataset_config", "non-empty"]),
+        ("dataset_revision=''", &["dataset_revision", "non-empty"]),
+        // Sizes beyond what an i32 holds are refused by name, before anything is allocated.
+        (
+            "per_device_train_batch_size=1000000000000000",
+            &[
+                "per_device_train_batch_size",
+                "1000000000000000",
+                "2147483647",
+            ],
+        ),
+        (
+            "max_completion_length=4000000000",
+            &["max_completion_length", "4000000000", "2147483647"],
+        ),
+        (
+            "num_generations=9223372036854775807",
+            &["num_generations", "9223372036854775807", "2147483647"],
+        ),
+        ("top_k=3000000000", &["top_k", "3000000000", "2147483647"]),
+        (
+            "max_steps=2147483648",
+            &["max_steps", "2147483648", "2147483647"],
+        ),
+        ("max_steps=2147483647", &[]),
+        (
+            "per_device_train_batch_size=268435456",
+            &[
+                "per_device_train_batch_size × num_generations",
+                "268435456 × 8",
+            ],
+        ),
+        ("per_device_train_batch_size=268435455", &[]),
+        (
+            "max_prompt_length=2147483500",
+            &[
+                "max_prompt_length + max_completion_length",
+                "2147483500 + 256",
+            ],
+        ),
     ] {
         let result = load_overrides(&[set]);
         if parts.is_empty() {
@@ -512,6 +561,8 @@ fn to_toml_round_trips() {
     let every_option_set = load_overrides(&[
         "epsilon_high=0.28",
         "min_p=0.1",
+        "dataset_config=socratic",
+        "dataset_revision=refs/convert/parquet",
         "save_total_limit=3",
         "reward_weights=[1.0, 0.1, 1e-7, 3.0, 0.3333333333333333]",
         "resume_from_checkpoint=true",
@@ -527,11 +578,53 @@ fn to_toml_round_trips() {
 
 #[test]
 fn to_toml_lists_every_field() {
-    let text = Config::default().to_toml().unwrap();
-    for field in grpo::config::field_names() {
-        assert!(
-            text.contains(&field),
-            "to_toml output lacks {field}:\n{text}"
-        );
+    // The fields docs/CONFIG.md documents, one table row each: an oracle independent of the code.
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"))
+            .unwrap();
+    let mut documented: Vec<String> = docs
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split_once('`'))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    documented.sort();
+    let mut known = grpo::config::field_names();
+    known.sort();
+    assert_eq!(
+        known, documented,
+        "config keys vs the fields docs/CONFIG.md documents"
+    );
+
+    let every_option_set = load_overrides(&[
+        "epsilon_high=0.28",
+        "min_p=0.1",
+        "save_total_limit=3",
+        "reward_weights=[1.0]",
+        "reward_funcs=[\"mark\"]",
+        "resume_from_checkpoint=true",
+        "dataset_config=main",
+    ])
+    .unwrap();
+    for config in [Config::default(), every_option_set] {
+        let text = config.to_toml().unwrap();
+        // Each field is a key of the TOML table or named in the closing comment, exactly once.
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let mut listed: Vec<String> = table.keys().cloned().collect();
+        let unset_line = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# Unset, so their documented defaults apply: "));
+        let unset: Vec<String> = unset_line
+            .map(|names| names.split(", ").map(str::to_string).collect())
+            .unwrap_or_default();
+        for name in &unset {
+            assert!(
+                !table.contains_key(name),
+                "{name} both set and unset:\n{text}"
+            );
+        }
+        listed.extend(unset);
+        listed.sort();
+        assert_eq!(listed, documented, "to_toml output:\n{text}");
     }
 }

@@ -193,7 +193,7 @@ fn missing_column_lists_the_columns_present() {
     let err = load_err(&spec(&path));
     assert!(err.contains("column `answer`"), "{err}");
     assert!(err.contains("question, answer_only, source"), "{err}");
-    assert!(err.contains("answer_column"), "{err}");
+    assert!(err.contains("set dataset_answer_column"), "{err}");
     assert!(err.contains(&path.display().to_string()), "{err}");
 }
 
@@ -292,7 +292,9 @@ fn non_text_prompt_column_is_rejected() {
     );
     let err = load_err(&spec(&path));
     assert!(
-        err.contains("prompt column `question`") && err.contains("Int64"),
+        err.contains("prompt column `question`")
+            && err.contains("Int64")
+            && err.contains("set dataset_prompt_column"),
         "{err}"
     );
 }
@@ -497,4 +499,82 @@ fn epoch_orders_are_reproducible_permutations() {
     assert_ne!(order, epoch_order(len, 43, 0), "seeds differ");
     assert!(epoch_order(0, 42, 0).is_empty());
     assert_eq!(epoch_order(1, 42, 7), [0]);
+}
+
+/// `dataset_config` and `dataset_revision` reach the resolution: the subset folder of a local
+/// dataset, the hub revision (here the hub's `refs/convert/parquet` branch, cached as Python
+/// caches it), and a subset given for a single file is an error naming the key.
+#[test]
+fn config_keys_choose_the_dataset_subset_and_revision() {
+    let load_config = |sets: &[String]| grpo::config::Config::load(None, sets).unwrap();
+    let columns = || {
+        vec![
+            "dataset_prompt_column=question".to_string(),
+            "dataset_answer_column=answer".to_string(),
+        ]
+    };
+
+    let configs = tempfile::tempdir().unwrap();
+    write_split(&configs.path().join("main/train-0.parquet"), "main", 2);
+    write_split(&configs.path().join("socratic/train-0.parquet"), "soc", 3);
+    let mut sets = columns();
+    sets.push(format!("dataset_name={}", configs.path().display()));
+    sets.push("dataset_config=socratic".into());
+    let cfg = load_config(&sets);
+    let socratic = Dataset::load(&DatasetSpec::from_config(&cfg, "train")).unwrap();
+    assert_eq!(first_questions(&socratic), ["soc 0", "soc 1", "soc 2"]);
+
+    let file = configs.path().join("main/train-0.parquet");
+    let mut sets = columns();
+    sets.push(format!("dataset_name={}", file.display()));
+    sets.push("dataset_config=main".into());
+    let err = load_err(&DatasetSpec::from_config(&load_config(&sets), "train"));
+    assert!(err.contains("dataset_config"), "{err}");
+
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("datasets--org--converted");
+    let (main, converted) = (
+        "1111111111111111111111111111111111111111",
+        "2222222222222222222222222222222222222222",
+    );
+    fs::create_dir_all(repo.join("refs/refs/convert")).unwrap();
+    fs::write(repo.join("refs/main"), main).unwrap();
+    fs::write(repo.join("refs/refs/convert/parquet"), converted).unwrap();
+    write_split(
+        &repo
+            .join("snapshots")
+            .join(main)
+            .join("data/train-0.parquet"),
+        "main branch",
+        1,
+    );
+    write_split(
+        &repo
+            .join("snapshots")
+            .join(converted)
+            .join("default/train/0000.parquet"),
+        "converted",
+        2,
+    );
+    let settings = HubSettings {
+        cache_dir: cache.path().to_path_buf(),
+        token: None,
+        offline: true,
+        endpoint: "https://huggingface.co".to_string(),
+    };
+    let mut sets = columns();
+    sets.push("dataset_name=org/converted".into());
+    let on_main = Dataset::load_with(
+        &DatasetSpec::from_config(&load_config(&sets), "train"),
+        &settings,
+    )
+    .unwrap();
+    assert_eq!(first_questions(&on_main), ["main branch 0"]);
+    sets.push("dataset_revision=refs/convert/parquet".into());
+    let on_branch = Dataset::load_with(
+        &DatasetSpec::from_config(&load_config(&sets), "train"),
+        &settings,
+    )
+    .unwrap();
+    assert_eq!(first_questions(&on_branch), ["converted 0", "converted 1"]);
 }

@@ -274,3 +274,115 @@ fn a_missing_checkpoint_folder_is_named_in_the_error() {
         .stderr(predicate::str::contains(missing.display().to_string()))
         .stderr(predicate::str::contains("no such folder"));
 }
+
+/// A split name that looks like a path cannot put the report outside `output_dir/eval` (a single
+/// parquet file answers every split name, so the run gets as far as writing).
+#[test]
+fn a_path_like_split_name_stays_inside_the_eval_folder() {
+    let work = Workspace::new();
+    let file = work.dir.path().join("data/test.parquet");
+    work.eval()
+        .args(["--split", "../../escape", "--limit", "1"])
+        .args(["--set", &format!("dataset_name={}", file.display())])
+        .assert()
+        .success();
+    let written: Vec<String> = fs::read_dir(work.output_dir().join("eval"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        written.contains(&"_._.._escape-base.json".to_string()),
+        "{written:?}"
+    );
+    for outside in [
+        work.dir.path().join("escape-base.json"),
+        work.output_dir().join("escape-base.json"),
+    ] {
+        assert!(!outside.exists(), "{} was written", outside.display());
+    }
+}
+
+/// The first of the most frequent answers (the order they were sampled in) and whether it is
+/// the reference answer: maj@K for one question, computed here from the per-sample lines.
+fn majority_correct(group: &[Value]) -> bool {
+    let answers: Vec<(String, bool)> = group
+        .iter()
+        .map(|s| {
+            let text = s["completion"].as_str().unwrap();
+            let inside = text
+                .rsplit("<answer>")
+                .next()
+                .unwrap()
+                .split("</answer>")
+                .next()
+                .unwrap()
+                .trim()
+                .to_string();
+            (inside, s["correct"].as_bool().unwrap())
+        })
+        .collect();
+    let count = |a: &str| answers.iter().filter(|(b, _)| b == a).count();
+    let best = answers.iter().map(|(a, _)| count(a)).max().unwrap();
+    answers.iter().find(|(a, _)| count(a) == best).unwrap().1
+}
+
+/// The shipped tiny base model answers in the format most of the time and is right some of the
+/// time, so the rates below are neither all 0 nor all 1: format rate, truncated rate, pass@K
+/// and maj@K recomputed from the per-sample lines must equal the report's.
+#[test]
+fn rates_and_votes_equal_their_recomputation_from_the_samples() {
+    let work = Workspace::new();
+    let data = work.dir.path().join("synth");
+    grpo::synth::write_dataset(&data, 4, 12, 3, 20).unwrap();
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-base");
+    let k = 4;
+    work.eval()
+        .args(["--num-samples", &k.to_string()])
+        .args(["--set", &format!("model_name_or_path={}", model.display())])
+        .args(["--set", &format!("dataset_name={}", data.display())])
+        .args([
+            "--set",
+            "max_completion_length=40",
+            "--set",
+            "temperature=1.2",
+        ])
+        .assert()
+        .success();
+    let report = work.report("test-base");
+    let samples = work.samples("test-base");
+    assert_eq!(samples.len(), 12 * k);
+    let rate = |f: &dyn Fn(&Value) -> bool| {
+        samples.iter().filter(|s| f(s)).count() as f64 / samples.len() as f64
+    };
+    let formatted = rate(&|s| s["rewards"]["hard_format"].as_f64().unwrap() == 0.5);
+    let truncated = rate(&|s| s["truncated"].as_bool().unwrap());
+    let groups: Vec<&[Value]> = samples.chunks(k).collect();
+    let per_question = |f: &dyn Fn(&[Value]) -> bool| {
+        groups.iter().filter(|g| f(g)).count() as f64 / groups.len() as f64
+    };
+    let pass = per_question(&|g| g.iter().any(|s| s["correct"] == true));
+    let maj = per_question(&majority_correct);
+    for (name, value) in [
+        ("format", formatted),
+        ("truncated", truncated),
+        ("pass", pass),
+    ] {
+        assert!(
+            value > 0.0 && value < 1.0,
+            "{name} rate {value}: this test needs a mix to tell rates apart"
+        );
+    }
+    assert!(
+        maj < pass,
+        "some question has a right answer outvoted ({maj} vs {pass})"
+    );
+    assert_close(&report["format_rate"], formatted, "format_rate");
+    assert_close(&report["truncated_rate"], truncated, "truncated_rate");
+    assert_close(&report["pass_at_k"], pass, "pass_at_k");
+    assert_close(&report["maj_at_k"], maj, "maj_at_k");
+    for sample in &samples {
+        if sample["truncated"] == true {
+            assert_eq!(sample["length"], 40, "only rows cut at the limit: {sample}");
+        }
+    }
+}

@@ -236,23 +236,58 @@ fn golden_rewards_and_advantages() {
     let weights = f64s(&golden.case["reward_weights"]);
     let rewards = weighted_rewards(&per_func, &weights).unwrap();
     let tensor = |key| f64s(&serde_json::to_value(vec1(golden.tensor(key))).unwrap());
-    assert_all_close(&rewards, &tensor("grpo.rewards"), 1e-6, 0.0, "rewards");
+    // Float32 roundings only (the inputs are exact): a weighted sum of K rewards rounds 2K
+    // times, terms at most max sum |w r|.
+    let eps = common::F32_EPS;
+    let k = weights.len() as f64;
+    let max_abs = |values: &[f64]| values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let term_scale = per_func
+        .iter()
+        .map(|row| {
+            row.iter()
+                .zip(&weights)
+                .map(|(r, w)| (r * w).abs())
+                .sum::<f64>()
+        })
+        .fold(0.0f64, f64::max);
+    let golden_rewards = tensor("grpo.rewards");
+    assert_all_close(
+        &rewards,
+        &golden_rewards,
+        2.0 * k * eps,
+        2.0 * k * eps * term_scale,
+        "rewards",
+    );
 
+    // Group means and stds of G rewards: G + 2 roundings of values at most max |r|.
     let g = golden.case["num_generations"].as_u64().unwrap() as usize;
     let adv = group_advantages(&rewards, g, ScaleRewards::Group).unwrap();
+    let r_max = max_abs(&golden_rewards);
+    let stat_ulps = (g + 2) as f64 * eps;
     assert_all_close(
         &adv.group_mean,
         &tensor("grpo.group_mean"),
-        1e-6,
-        1e-7,
+        stat_ulps,
+        stat_ulps * r_max,
         "group_mean",
     );
-    assert_all_close(&adv.std, &tensor("grpo.group_std"), 1e-6, 1e-7, "group_std");
+    assert_all_close(
+        &adv.std,
+        &tensor("grpo.group_std"),
+        stat_ulps,
+        stat_ulps * r_max,
+        "group_std",
+    );
+    // (r - mean) / (std + 1e-4): the numerator's error (its terms' and the mean's) divided by
+    // the smallest denominator, and the std's relative error plus a few roundings of the result.
+    let smallest_std = tensor("grpo.group_std")
+        .iter()
+        .fold(f64::INFINITY, |m, &s| m.min(s));
     assert_all_close(
         &adv.advantages,
         &tensor("grpo.advantages"),
-        1e-4,
-        1e-6,
+        4.0 * eps + stat_ulps,
+        (2.0 * eps * r_max + stat_ulps * r_max) * 2.0 / (smallest_std + 1e-4),
         "advantages",
     );
 
@@ -272,7 +307,23 @@ fn golden_rewards_and_advantages() {
         let actual = json[key]
             .as_f64()
             .unwrap_or_else(|| panic!("metric {key} missing"));
-        assert_close(actual, expected[key].as_f64().unwrap(), 1e-5, 1e-7, key);
+        // Means and stds over the batch of float32 rewards: B + 2 roundings of values at most
+        // max |r| (the per-function ones at most their own max, below the weighted max).
+        let b = golden_rewards.len() as f64;
+        let r_max = max_abs(&golden_rewards).max(
+            per_func
+                .iter()
+                .flatten()
+                .fold(0.0f64, |m, v| m.max(v.abs())),
+        );
+        let ulps = (b + 2.0) * eps;
+        assert_close(
+            actual,
+            expected[key].as_f64().unwrap(),
+            ulps,
+            ulps * r_max,
+            key,
+        );
     }
 }
 
@@ -394,31 +445,59 @@ fn golden_per_token_terms_and_losses() {
     let mask = vec2(&golden.mask());
     for (loss_type, label) in LOSS_TYPES {
         let (_, loss) = golden.loss(&golden.params(loss_type));
+        // kl = exp(d) - d - 1 (d = ref - logp) from the golden float32 log-probs: four float32
+        // roundings, of terms no larger than 3 |kl| + 4 (exp(d) = kl + d + 1, |d| <= kl + 1).
+        let eps = common::F32_EPS;
+        let kl_tolerance = common::Tolerance {
+            rtol: 4.0 * 3.0 * eps,
+            atol: 4.0 * 4.0 * eps,
+        };
         let kl = loss.per_token_kl.as_ref().expect("beta > 0 gives a KL");
-        assert!(
-            common::max_abs_diff(kl, golden.tensor("grpo.per_token_kl")) < 1e-6,
-            "{label}: per-token KL"
+        let golden_kl = golden.tensor("grpo.per_token_kl");
+        common::assert_tensor_close(
+            &format!("{label}: per-token KL"),
+            kl,
+            golden_kl,
+            None,
+            kl_tolerance,
         );
+        // The per-token loss -A * ratio + beta * kl (ratio 1): the KL's error times beta, plus
+        // four roundings of |A| + beta * kl.
+        let beta = golden.case["beta"].as_f64().unwrap();
         let actual = vec2(&loss.per_token_loss);
         let expected = vec2(golden.tensor("grpo.per_token_loss"));
+        let advantages = vec1(golden.tensor("grpo.advantages"));
+        let kls = vec2(golden_kl);
         for (b, row) in mask.iter().enumerate() {
             for (t, &m) in row.iter().enumerate() {
                 if m > 0.0 {
                     let what = format!("{label}: per-token loss [{b}, {t}]");
                     let e = f64::from(expected[b][t]);
-                    assert_close(f64::from(actual[b][t]), e, 1e-4, 1e-6, &what);
+                    let kl = f64::from(kls[b][t]);
+                    let a = f64::from(advantages[b]).abs();
+                    let atol = beta * kl_tolerance.bound(kl) + 4.0 * eps * (a + beta * kl);
+                    assert_close(f64::from(actual[b][t]), e, 4.0 * eps, atol, &what);
                 }
             }
         }
+        // The loss: the golden float32 loss is off the float64 one by the recorded error, ours
+        // by as much again (a float32 sum in another order).
+        let tolerance = common::Tolerance::recorded(&format!("grpo.{label}.abs_err_loss"));
         let value = f64::from(loss.loss.to_scalar::<f32>().unwrap());
         let expected = golden.case["loss"][label].as_f64().unwrap();
-        assert_close(value, expected, 1e-4, 1e-7, &format!("{label}: loss"));
+        assert_close(
+            value,
+            expected,
+            tolerance.rtol,
+            tolerance.atol,
+            &format!("{label}: loss"),
+        );
         let golden_loss = golden.tensor(&format!("grpo.loss.{label}"));
         assert_close(
             value,
             f64::from(golden_loss.to_scalar::<f32>().unwrap()),
-            1e-4,
-            1e-7,
+            tolerance.rtol,
+            tolerance.atol,
             label,
         );
 

@@ -297,3 +297,28 @@ fn ids_and_revisions_cannot_escape_the_cache() {
         assert!(err.contains("invalid hub model repo"), "{err}");
     }
 }
+
+/// A file name that leaves the snapshot (`..`, an absolute path) is refused even when the file it
+/// points at exists in the cache: a sharded model's index cannot pull weights from elsewhere.
+#[test]
+fn file_names_cannot_escape_the_snapshot() {
+    let cache = tempfile::tempdir().unwrap();
+    let snapshot = cache_repo(
+        cache.path(),
+        "models--org--model",
+        "main",
+        &[("config.json", "{}")],
+    );
+    fs::write(snapshot.parent().unwrap().join("outside.safetensors"), "x").unwrap();
+    let repo = HubRepo::new("org/model", RepoKind::Model, None);
+    let settings = offline(cache.path());
+    let absolute = snapshot.join("config.json").display().to_string();
+    for name in ["../outside.safetensors", absolute.as_str(), "./config.json"] {
+        let err = repo.file_with(name, &settings).unwrap_err().to_string();
+        assert!(err.contains("not inside the repo"), "{name}: {err}");
+    }
+    assert_eq!(
+        repo.file_with("config.json", &settings).unwrap(),
+        snapshot.join("config.json")
+    );
+}

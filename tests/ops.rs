@@ -6,8 +6,8 @@ use grpo::model::fused;
 use grpo::model::ops::{
     apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias, linear,
     linear_composite, merge_heads, merge_heads_composite, position_ids_from_mask, rms_norm,
-    rms_norm_composite, rope_tables, softmax_composite, split_heads, split_heads_composite,
-    swiglu, swiglu_composite, MASKED_BIAS,
+    rms_norm_composite, rope_tables, softmax_composite, split_heads, split_heads_composite, swiglu,
+    swiglu_composite, MASKED_BIAS,
 };
 
 fn random(shape: &[usize], seed_scale: f64) -> Var {

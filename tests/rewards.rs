@@ -322,8 +322,34 @@ proptest! {
             prop_assert!(value.is_finite() && *value >= low && *value <= high,
                 "{} = {} outside [{}, {}] for {:?}", name, value, low, high, text);
         }
-        let expected: f64 = values.iter().zip(&weights).map(|(v, w)| v * w).sum();
-        prop_assert_eq!(set.total(&values), expected);
+        // Each weight belongs to its own reward: the set's total is the sum of the totals of
+        // one-reward sets, each given that reward's weight (a mix-up of weights and names, or a
+        // dropped reward, breaks it for some draw).
+        let completion = Completion { prompt: "", text: &text, answer: &answer, num_tokens };
+        let singles: Vec<f64> = AVAILABLE
+            .iter()
+            .zip(&weights)
+            .map(|(name, &weight)| {
+                let one = RewardSet::new(&names(&[name]), Some(&[weight]), PARAMS).unwrap();
+                one.total(&one.score(&completion))
+            })
+            .collect();
+        let sum: f64 = singles.iter().sum();
+        let total = set.total(&values);
+        prop_assert!((total - sum).abs() <= 1e-12 * (1.0 + sum.abs()), "{} vs {}", total, sum);
+        // Doubling every weight doubles the total (exactly: doubling is exact in binary), so
+        // the weights are used at all.
+        let doubled: Vec<f64> = weights.iter().map(|w| 2.0 * w).collect();
+        let twice = RewardSet::new(&names(AVAILABLE), Some(&doubled), PARAMS).unwrap();
+        prop_assert_eq!(twice.total(&twice.score(&completion)), 2.0 * total);
+        // A weight of 0 drops exactly its reward: the total moves by that reward's single total.
+        for (k, single) in singles.iter().enumerate() {
+            let mut dropped = weights.clone();
+            dropped[k] = 0.0;
+            let without = RewardSet::new(&names(AVAILABLE), Some(&dropped), PARAMS).unwrap();
+            let rest = without.total(&without.score(&completion));
+            prop_assert!((total - rest - single).abs() <= 1e-12 * (1.0 + total.abs()));
+        }
     }
 
     #[test]

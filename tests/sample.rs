@@ -125,6 +125,52 @@ fn json_output_has_one_scored_object_per_completion() {
     }
 }
 
+/// `scale_rewards = "none"` (Dr. GRPO) leaves advantages unscaled: `reward - mean`.
+#[test]
+fn scale_rewards_none_gives_unscaled_advantages() {
+    let (_dir, path) = dataset();
+    let output = grpo_sample(&path)
+        .args(["--index", "2", "--num-generations", "6", "--json"])
+        .args([
+            "--set",
+            "max_completion_length=40",
+            "--set",
+            "temperature=1.5",
+            "--set",
+            r#"reward_funcs=["repetition_penalty","cosine"]"#,
+            "--set",
+            "reward_weights=[3.0,1.0]",
+            "--set",
+            "scale_rewards=none",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = json_lines(&output.stdout);
+    let totals: Vec<f64> = lines
+        .iter()
+        .map(|l| l["reward"].as_f64().unwrap())
+        .collect();
+    let mean = totals.iter().sum::<f64>() / totals.len() as f64;
+    let std = (totals.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / 5.0).sqrt();
+    // Scaling by the std would change the advantages only when the std is neither 0 nor 1.
+    assert!(
+        std > 1e-3 && (std - 1.0).abs() > 1e-2,
+        "the rewards must vary for this test to mean something: {totals:?}"
+    );
+    for (line, total) in lines.iter().zip(&totals) {
+        let advantage = line["advantage"].as_f64().unwrap();
+        assert!(
+            (advantage - (total - mean)).abs() < 1e-5,
+            "advantage {advantage}, reward {total}, mean {mean}"
+        );
+    }
+}
+
 #[test]
 fn a_seed_reproduces_the_output_and_text_mode_prints_every_completion() {
     let (_dir, path) = dataset();

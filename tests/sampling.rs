@@ -7,7 +7,7 @@ mod common;
 use candle_core::{Device, IndexOp, Tensor};
 use grpo::model::{ModelFiles, Qwen2};
 use grpo::prompt::ChatTokenizer;
-use grpo::sampling::{generate, Completions, GenerationSpec, SamplingParams};
+use grpo::sampling::{generate, Completions, GenerationSpec, SamplingParams, TokenChooser};
 
 use common::golden_dir;
 
@@ -340,4 +340,84 @@ fn non_finite_logits_are_an_error_not_a_token() {
         message.contains("non-finite logits") && message.contains("new token 1"),
         "{message}"
     );
+}
+
+/// The processors against transformers' own (`generate`'s processor list) on fixed logits:
+/// `tests/fixtures/sampling/processors.json`, written by the pinned script beside it.
+#[test]
+fn processors_match_transformers_on_fixed_logits() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sampling/processors.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 8);
+    let eps = f64::from(f32::EPSILON);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let settings = &case["settings"];
+        let number = |key: &str, default: f64| settings[key].as_f64().unwrap_or(default);
+        let params = SamplingParams {
+            temperature: match settings["do_sample"].as_bool().unwrap() {
+                true => Some(number("temperature", 1.0) as f32),
+                false => None,
+            },
+            top_k: number("top_k", 0.0) as usize,
+            top_p: number("top_p", 1.0) as f32,
+            min_p: number("min_p", 0.0) as f32,
+            repetition_penalty: number("repetition_penalty", 1.0) as f32,
+        };
+        let floats = |key: &str| -> Vec<Option<f64>> {
+            case[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64())
+                .collect()
+        };
+        let logits: Vec<f32> = floats("logits")
+            .into_iter()
+            .map(|v| v.unwrap() as f32)
+            .collect();
+        let history: Vec<u32> = case["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let mut scores = logits.clone();
+        TokenChooser::new(params, 0).process(&mut scores, &history);
+        for (i, (got, want)) in scores.iter().zip(floats("scores")).enumerate() {
+            match want {
+                None => assert_eq!(*got, f32::NEG_INFINITY, "{name}: token {i} is removed"),
+                Some(want) => {
+                    let got = f64::from(*got);
+                    assert!(
+                        (got - want).abs() <= 4.0 * eps * want.abs().max(1.0),
+                        "{name}: token {i} scores {got}, transformers {want}"
+                    );
+                }
+            }
+        }
+        // The distribution sampled from, and draws only from its support.
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = scores.iter().map(|&x| f64::from(x - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let want_probs: Vec<f64> = floats("probs").into_iter().map(Option::unwrap).collect();
+        for (i, (w, want)) in weights.iter().zip(&want_probs).enumerate() {
+            assert!(
+                (w / total - want).abs() <= 1e-6,
+                "{name}: token {i} probability {} vs transformers {want}",
+                w / total
+            );
+        }
+        let mut chooser = TokenChooser::new(params, 11);
+        for _ in 0..200 {
+            let token = chooser.choose(&mut logits.clone(), &history) as usize;
+            assert!(
+                want_probs[token] > 0.0,
+                "{name}: drew removed token {token}"
+            );
+        }
+    }
 }

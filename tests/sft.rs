@@ -176,3 +176,14 @@ fn a_column_without_worked_solutions_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// `max_grad_norm = 0` turns clipping off: sft runs and still logs the gradient norm.
+#[test]
+fn zero_max_grad_norm_trains_without_clipping() {
+    let dir = tempfile::tempdir().unwrap();
+    sft(&config(dir.path(), &["max_grad_norm=0", "max_steps=1"])).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let norm = line["grad_norm"].as_f64().unwrap();
+    assert!(norm.is_finite() && norm > 0.0, "{line}");
+}

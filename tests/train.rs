@@ -307,7 +307,7 @@ fn total_steps_follow_the_hf_trainer() {
     let dir = tempfile::tempdir().unwrap();
     // ceil(5 / 2) = 3 micro-batches per epoch, // 2 accumulation = 1 update, x 3 epochs.
     let cfg = config(dir.path(), &["max_steps=-1", "num_train_epochs=3"]);
-    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 5), 3);
+    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 5).unwrap(), 3);
     // The recipe: 1 prompt per micro-step, accumulation 4, one epoch of 7473 GSM8K rows.
     let cfg = config(
         dir.path(),
@@ -318,14 +318,24 @@ fn total_steps_follow_the_hf_trainer() {
             "gradient_accumulation_steps=4",
         ],
     );
-    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 7473), 1868);
+    assert_eq!(
+        grpo::train::total_optimizer_steps(&cfg, 7473).unwrap(),
+        1868
+    );
     // Fractional epochs round up; fewer batches than one update still give one per epoch.
     let cfg = config(dir.path(), &["max_steps=-1", "num_train_epochs=1.5"]);
-    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 3), 2);
+    assert_eq!(grpo::train::total_optimizer_steps(&cfg, 3).unwrap(), 2);
     // max_steps wins when positive.
     assert_eq!(
-        grpo::train::total_optimizer_steps(&config(dir.path(), &[]), 1_000_000),
+        grpo::train::total_optimizer_steps(&config(dir.path(), &[]), 1_000_000).unwrap(),
         4
+    );
+    // A huge num_train_epochs is an error naming it, not an endless run.
+    let cfg = config(dir.path(), &["max_steps=-1", "num_train_epochs=1e300"]);
+    let err = grpo::train::total_optimizer_steps(&cfg, 5).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("num_train_epochs = 1e300"),
+        "{err:#}"
     );
 }
 
@@ -432,23 +442,299 @@ fn forward_batch_size_changes_neither_loss_nor_gradients() {
     }
 }
 
-/// On Linux the CPU peak is the process's `VmHWM`; other systems log no memory metric.
+/// On Linux the CPU peak is the process's `VmHWM` since the step began; other systems log no
+/// memory metric. Run as its own process (so no other test's memory counts), whose resident
+/// size this test samples while it trains: each step's peak is at least about the resident size
+/// seen during training and at most the process's virtual peak (`VmPeak`), so a unit slip
+/// (bytes, KiB, MiB for GiB: a factor of 1024 or more) or a wrong counter fails.
 #[cfg(target_os = "linux")]
 #[test]
 fn peak_memory_is_logged_every_step() {
     let dir = tempfile::tempdir().unwrap();
-    grpo::train::train(&config(
+    let args: Vec<String> = overrides(
         dir.path(),
-        &["max_steps=2", "forward_batch_size=2"],
-    ))
-    .unwrap();
-    let lines = logged_metrics(&dir.path().join("out"));
-    assert_eq!(lines.len(), 2);
+        &["max_steps=500", "save_steps=1000", "forward_batch_size=2"],
+    )
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_grpo"))
+        .arg("train")
+        .args(&args)
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let gib = |field: &str| -> Option<f64> {
+        let text = std::fs::read_to_string(&status).ok()?;
+        let line = text.lines().find(|l| l.starts_with(field))?;
+        let kib: f64 = line[field.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / (1024.0 * 1024.0))
+    };
+    let out = dir.path().join("out");
+    let logged =
+        || std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+    let started = Instant::now();
+    let (mut min_rss, mut vm_peak) = (f64::INFINITY, 0.0f64);
+    while logged() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no training progress in time"
+        );
+        if logged() >= 1 {
+            min_rss = min_rss.min(gib("VmRSS:").unwrap_or(f64::INFINITY));
+        }
+        vm_peak = vm_peak.max(gib("VmPeak:").unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm_peak = vm_peak.max(gib("VmPeak:").unwrap_or(0.0));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert!(child.wait().unwrap().success());
+    assert!(
+        min_rss.is_finite() && vm_peak > 0.0,
+        "read /proc/<pid>/status"
+    );
+    let lines = logged_metrics(&out);
+    assert!(lines.len() >= 4);
     for line in lines {
         let peak = line["memory/peak_gib"]
             .as_f64()
             .unwrap_or_else(|| panic!("no memory/peak_gib in {line}"));
-        // A tiny model on the CPU: more than a few MiB, less than any machine.
-        assert!(peak > 0.001 && peak < 1024.0, "memory/peak_gib = {peak}");
+        assert!(
+            peak >= 0.5 * min_rss && peak <= vm_peak,
+            "memory/peak_gib = {peak}, resident during training >= {min_rss}, VmPeak {vm_peak}"
+        );
     }
+}
+
+#[test]
+fn log_completions_follows_logging_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &["log_completions=true", "logging_steps=2"]);
+    grpo::train::train(&cfg).unwrap();
+    let out = dir.path().join("out");
+    let mut written: Vec<String> = std::fs::read_dir(out.join("completions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(written, ["step_2.jsonl", "step_4.jsonl"]);
+    assert_eq!(metrics(&out).len(), 2, "metrics on the same steps");
+}
+
+/// `max_grad_norm = 0` turns clipping off: training runs and still logs the gradient norm.
+#[test]
+fn zero_max_grad_norm_trains_without_clipping() {
+    let dir = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(dir.path(), &["max_grad_norm=0", "max_steps=2"])).unwrap();
+    let lines = metrics(&dir.path().join("out"));
+    assert_eq!(lines.len(), 2);
+    for line in lines {
+        let norm = line["grad_norm"].as_f64().unwrap();
+        assert!(norm.is_finite() && norm > 0.0, "{line}");
+    }
+}
+
+/// With `num_iterations = 2` a checkpoint saved between two generations (here checkpoint-1,
+/// whose rollout step 2 trains on again) holds that rollout, so the resumed run neither samples
+/// a new one nor consumes more data: it ends bit for bit where the uninterrupted run does.
+#[test]
+fn resume_between_two_generations_continues_bit_for_bit() {
+    let extra = ["num_iterations=2", "save_steps=1", "max_steps=3"];
+    let straight = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(straight.path(), &extra)).unwrap();
+    let a = straight.path().join("out");
+    let logged = metrics(&a);
+    assert!(
+        logged
+            .iter()
+            .all(|l| l["reward_std"].as_f64().unwrap() > 0.0),
+        "the rewards vary, so a different rollout would train differently: {logged:?}"
+    );
+    let resumed = tempfile::tempdir().unwrap();
+    let resume = format!(
+        "resume_from_checkpoint={}",
+        a.join("checkpoint-1").display()
+    );
+    let mut resumed_extra = extra.to_vec();
+    resumed_extra.push(&resume);
+    grpo::train::train(&config(resumed.path(), &resumed_extra)).unwrap();
+    let b = resumed.path().join("out");
+    assert_eq!(
+        weights(&a.join("checkpoint-3/model.safetensors")),
+        weights(&b.join("checkpoint-3/model.safetensors"))
+    );
+    assert_eq!(
+        logged[1..],
+        metrics(&b)[..],
+        "steps 2 and 3 logged identically"
+    );
+    let state = |dir: &Path| grpo::checkpoint::load_state(dir).unwrap().0.data;
+    assert_eq!(
+        state(&a.join("checkpoint-3")),
+        state(&b.join("checkpoint-3")),
+        "the same data consumed"
+    );
+}
+
+/// What a short run left behind: its logged metrics, step 1's completions (log_completions)
+/// and the final weights.
+struct Outcome {
+    metrics: Vec<serde_json::Value>,
+    completions: Vec<String>,
+    weights: Vec<(String, Vec<f32>)>,
+}
+
+fn run_with(extra: &[&str]) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sets = vec!["log_completions=true", "save_steps=100"];
+    sets.extend_from_slice(extra);
+    grpo::train::train(&config(dir.path(), &sets)).unwrap();
+    let out = dir.path().join("out");
+    let completions = std::fs::read_to_string(out.join("completions/step_1.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["completion"].as_str().unwrap().to_string()
+        })
+        .collect();
+    Outcome {
+        metrics: metrics(&out),
+        completions,
+        weights: weights(&out.join("model.safetensors")),
+    }
+}
+
+fn value(line: &serde_json::Value, key: &str) -> f64 {
+    line[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// The clip bounds reach the loss the right way round: with `epsilon = 0` every ratio below 1
+/// of a negative advantage is clipped (low) and with a huge `epsilon_high` no ratio above is
+/// (high); swapped, the other way round. Step 2 retrains step 1's rollout, so ratios move off 1.
+#[test]
+fn epsilon_low_and_high_reach_the_loss_the_right_way_round() {
+    let common = ["num_iterations=2", "max_steps=2", "learning_rate=0.05"];
+    let low_only = run_with(&[&common[..], &["epsilon=0.0", "epsilon_high=100.0"]].concat());
+    let high_only = run_with(&[&common[..], &["epsilon=100.0", "epsilon_high=0.0"]].concat());
+    let (a, b) = (&low_only.metrics[1], &high_only.metrics[1]);
+    assert!(value(a, "clip_ratio/low_mean") > 0.0, "{a}");
+    assert_eq!(value(a, "clip_ratio/high_mean"), 0.0, "{a}");
+    assert_eq!(value(b, "clip_ratio/low_mean"), 0.0, "{b}");
+    assert!(value(b, "clip_ratio/high_mean") > 0.0, "{b}");
+    for line in [a, b] {
+        let region = value(line, "clip_ratio/region_mean");
+        let sum = value(line, "clip_ratio/low_mean") + value(line, "clip_ratio/high_mean");
+        assert!((region - sum).abs() < 1e-12, "region = low + high: {line}");
+    }
+}
+
+/// `mask_truncated_completions`, `scale_rewards` and `weight_decay` change step 1 (same samples:
+/// sampling does not depend on them), each in its own way.
+#[test]
+fn loss_and_optimiser_settings_reach_the_step() {
+    let one_step = ["max_steps=1"];
+    let plain = run_with(&one_step);
+    let loss = |o: &Outcome| value(&o.metrics[0], "loss");
+    let grad_norm = |o: &Outcome| value(&o.metrics[0], "grad_norm");
+
+    // Most completions of a random model hit max_completion_length = 8: masking them changes
+    // the loss.
+    let masked = run_with(&[&one_step[..], &["mask_truncated_completions=true"]].concat());
+    assert_eq!(masked.completions, plain.completions, "same samples");
+    assert_ne!(loss(&masked), loss(&plain));
+
+    // Unscaled advantages give another gradient (group stds are not 1).
+    let unscaled = run_with(&[&one_step[..], &["scale_rewards=none"]].concat());
+    assert_eq!(unscaled.completions, plain.completions, "same samples");
+    assert_ne!(grad_norm(&unscaled), grad_norm(&plain));
+
+    // Weight decay shrinks the decayed weights only: norms and biases (the HF Trainer's
+    // no-decay group) get exactly the same update as without it.
+    let decayed = run_with(&[&one_step[..], &["weight_decay=0.5"]].concat());
+    for ((name, with), (_, without)) in decayed.weights.iter().zip(&plain.weights) {
+        let exempt = name.contains("norm") || name.ends_with("bias");
+        assert_eq!(exempt, with == without, "{name}: decayed {}", !exempt);
+    }
+}
+
+/// The logged learning rate follows `lr_scheduler_type` over the run's 4 steps (HF: step k
+/// logs the rate its update used, `lr(k - 1)`).
+#[test]
+fn lr_scheduler_type_reaches_the_optimiser() {
+    let quarter_cos = |k: f64| 0.5 * (1.0 + (std::f64::consts::PI * k / 4.0).cos());
+    for (kind, factors) in [
+        ("linear", [1.0, 0.75, 0.5, 0.25]),
+        (
+            "cosine",
+            [1.0, quarter_cos(1.0), quarter_cos(2.0), quarter_cos(3.0)],
+        ),
+        ("constant", [1.0; 4]),
+    ] {
+        let outcome = run_with(&[&format!("lr_scheduler_type={kind}")]);
+        let logged: Vec<f64> = outcome
+            .metrics
+            .iter()
+            .map(|l| value(l, "learning_rate"))
+            .collect();
+        for (got, factor) in logged.iter().zip(factors) {
+            assert!((got - 0.01 * factor).abs() < 1e-12, "{kind}: {logged:?}");
+        }
+    }
+}
+
+/// The sampling filters reach generation: each of `top_k = 1`, a tiny `top_p` and
+/// `min_p = 1` leaves only the most likely token, so every completion of a group is the same
+/// greedy text; a strong `repetition_penalty` changes that greedy text.
+#[test]
+fn sampling_settings_reach_generation() {
+    let base = ["max_steps=1", "num_generations=4", "temperature=1.0"];
+    let groups = |o: &Outcome| -> Vec<Vec<String>> {
+        o.completions.chunks(4).map(<[String]>::to_vec).collect()
+    };
+    let plain = run_with(&base);
+    assert!(
+        groups(&plain).iter().any(|g| g.iter().any(|c| c != &g[0])),
+        "plain sampling varies within a group: {:?}",
+        plain.completions
+    );
+    let greedy = run_with(&[&base[..], &["top_k=1"]].concat());
+    for filter in [&["top_k=1"][..], &["top_p=0.000001"], &["min_p=1.0"]] {
+        let outcome = run_with(&[&base[..], filter].concat());
+        for group in groups(&outcome) {
+            assert!(
+                group.iter().all(|c| c == &group[0]),
+                "{filter:?}: {group:?}"
+            );
+        }
+        assert_eq!(
+            outcome.completions, greedy.completions,
+            "{filter:?} is greedy"
+        );
+    }
+    let penalised = run_with(&[&base[..], &["top_k=1", "repetition_penalty=100.0"]].concat());
+    assert_ne!(penalised.completions, greedy.completions);
+}
+
+/// The memory check does not count `max_prompt_length` (prompts take the positions they need):
+/// a huge one, as set to mean "never truncate", still trains.
+#[test]
+fn a_huge_max_prompt_length_is_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(
+        dir.path(),
+        &["max_prompt_length=2000000000", "max_steps=1"],
+    ))
+    .unwrap();
 }

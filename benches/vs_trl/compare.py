@@ -504,7 +504,7 @@ def markdown(summaries: list[dict], meta: dict) -> str:
     lines = [
         f"Machine: {meta['cpu']}, {meta['nproc']} CPUs, {meta['mem_gib']:.0f} GiB RAM; threads per side: "
         f"{meta['threads']}; load average before: {meta['load_before']}, after: {meta['load_after']}",
-        f"Date: {meta['date']}; grpo {meta['grpo_commit']}; TRL {meta['versions'].get('trl')}, transformers "
+        f"Date: {meta['date']}; grpo binary built {meta.get('grpo_binary_mtime', '?')}, tree {meta['grpo_commit']}; TRL {meta['versions'].get('trl')}, transformers "
         f"{meta['versions'].get('transformers')}, torch {meta['versions'].get('torch')}; Python {meta['python']}",
         "",
         "| shape (prompts x G x new tokens) | steps | TRL s/step | grpo s/step | TRL / grpo time | "
@@ -618,7 +618,12 @@ def main() -> None:
     out = a.out.resolve()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    # Run a copy, so that a rebuild of the binary during the run cannot mix two builds.
+    snapshot = work / "grpo"
+    shutil.copy2(grpo, snapshot)
     meta = machine_meta(a.threads, grpo)
+    meta["grpo_binary_mtime"] = datetime.datetime.fromtimestamp(grpo.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    grpo = snapshot
     print(f"machine: {meta['cpu']}, load average {meta['load_before']}", flush=True)
 
     prompts = prepare_prompts(grpo, work, GOLDEN, min_rows=max(steps[s] for s in shapes) * 2)

@@ -35,20 +35,6 @@ pub struct DatasetSpec {
     pub answer_column: String,
 }
 
-impl DatasetSpec {
-    /// The config's dataset (`dataset_name`, prompt and answer columns) at `split`.
-    pub fn from_config(config: &crate::config::Config, split: &str) -> Self {
-        Self {
-            name_or_path: config.dataset_name.clone(),
-            revision: None,
-            config: None,
-            split: split.to_string(),
-            prompt_column: config.dataset_prompt_column.clone(),
-            answer_column: config.dataset_answer_column.clone(),
-        }
-    }
-}
-
 /// One training row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
@@ -82,7 +68,7 @@ impl Dataset {
 
     /// Loads `spec`'s split; a hub dataset is resolved with `hub`.
     pub fn load_with(spec: &DatasetSpec, hub: &HubSettings) -> Result<Dataset> {
-        let mut dataset = Self::load_solutions_with(spec, hub)?;
+        let mut dataset = Self::read(spec, hub, "dataset_answer_column")?;
         for example in &mut dataset.examples {
             example.answer = normalize_answer(&example.answer);
         }
@@ -91,11 +77,13 @@ impl Dataset {
 
     /// Loads `spec`'s split keeping the answer column as written (for `grpo sft`, whose
     /// targets are the worked solutions, not just their final numbers).
+    /// Its answer column is the config's `dataset_solution_column`, which errors name.
     pub fn load_solutions(spec: &DatasetSpec) -> Result<Dataset> {
-        Self::load_solutions_with(spec, &HubSettings::from_env())
+        Self::read(spec, &HubSettings::from_env(), "dataset_solution_column")
     }
 
-    fn load_solutions_with(spec: &DatasetSpec, hub: &HubSettings) -> Result<Dataset> {
+    /// Reads the split's rows; `answer_key` is the config key naming the answer column.
+    fn read(spec: &DatasetSpec, hub: &HubSettings, answer_key: &str) -> Result<Dataset> {
         let files = resolve_files(spec, hub)?;
         let mut examples = Vec::new();
         for file in &files {
@@ -103,6 +91,7 @@ impl Dataset {
                 file,
                 &spec.prompt_column,
                 &spec.answer_column,
+                answer_key,
                 &mut examples,
             )?;
         }
@@ -184,6 +173,14 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 fn resolve_files(spec: &DatasetSpec, hub: &HubSettings) -> Result<Vec<PathBuf>> {
     let path = Path::new(&spec.name_or_path);
     if path.is_file() {
+        if let Some(config) = &spec.config {
+            bail!(
+                "dataset_config = {config:?} is set but dataset `{}` is a single parquet file, \
+                 which has no configs: unset dataset_config, or point dataset_name at the \
+                 dataset's folder",
+                spec.name_or_path
+            );
+        }
         return Ok(vec![path.to_path_buf()]);
     }
     let config = spec.config.as_deref();

@@ -20,12 +20,18 @@ use super::Example;
 /// Rows decoded at a time; bounds memory for files with huge row groups.
 const BATCH_ROWS: usize = 1024;
 
+/// The config key that names the prompt column, for error messages.
+const PROMPT_KEY: &str = "dataset_prompt_column";
+
 /// Appends the examples of `path` to `examples`, reading only `prompt_column` (text) and
 /// `answer_column` (text or number, kept as written; [`super::Dataset::load`] normalises it).
+/// `answer_key` is the config key that named the answer column (`dataset_answer_column`, or
+/// `dataset_solution_column` for `grpo sft`), which errors tell the user to change.
 pub(crate) fn read_examples(
     path: &Path,
     prompt_column: &str,
     answer_column: &str,
+    answer_key: &str,
     examples: &mut Vec<Example>,
 ) -> Result<()> {
     let file =
@@ -49,13 +55,13 @@ pub(crate) fn read_examples(
             )
         })
     };
-    let prompt_index = column_index(prompt_column, "prompt_column")?;
-    let answer_index = column_index(answer_column, "answer_column")?;
+    let prompt_index = column_index(prompt_column, PROMPT_KEY)?;
+    let answer_index = column_index(answer_column, answer_key)?;
     let prompt_type = schema.field(prompt_index).data_type();
     if !is_text(prompt_type) {
         bail!(
             "prompt column `{prompt_column}` in {} has type {prompt_type}; it must hold text \
-             (a string column)",
+             (a string column): set {PROMPT_KEY} to a text column",
             path.display()
         );
     }
@@ -63,7 +69,7 @@ pub(crate) fn read_examples(
     if !(is_text(answer_type) || answer_type.is_integer() || answer_type.is_floating()) {
         bail!(
             "answer column `{answer_column}` in {} has type {answer_type}; it must hold text or \
-             numbers",
+             numbers: set {answer_key} to such a column",
             path.display()
         );
     }
@@ -94,7 +100,7 @@ pub(crate) fn read_examples(
             let null_cell = |name: &str| {
                 anyhow::anyhow!(
                     "row {row} (0-based) of {} has a null in column `{name}`; every row needs a \
-                     prompt and an answer (check prompt_column/answer_column, or drop such rows)",
+                     prompt and an answer (check {PROMPT_KEY} and {answer_key}, or drop such rows)",
                     path.display()
                 )
             };

@@ -61,8 +61,8 @@ pub(crate) fn select_split_files(
             .collect();
         bail!(
             "{source} holds no .parquet files (files: {}); grpo reads parquet datasets: export \
-             the data with `datasets`' `to_parquet`, or for a hub dataset use the revision \
-             `refs/convert/parquet`",
+             the data with `datasets`' `to_parquet`, or for a hub dataset set dataset_revision = \
+             \"refs/convert/parquet\" (the hub's parquet conversion)",
             list_or_none(&shown)
         );
     }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::hub::{HubRepo, RepoKind};
+use crate::hub::{is_inside, HubRepo, RepoKind};
 
 /// The Qwen2 hyper-parameters the forward pass needs, read from `config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -277,6 +277,13 @@ impl ModelFiles {
                 .with_context(|| format!("reading {origin}"))?;
             let index: ShardIndex = parse_json(&text, &origin)?;
             let shards: BTreeSet<&String> = index.weight_map.values().collect();
+            if let Some(outside) = shards.iter().find(|shard| !is_inside(shard)) {
+                bail!(
+                    "model {name:?}: {origin} names the weight file {outside:?}, which is not \
+                     inside the model folder; every shard must be a file under the folder \
+                     (a relative path without `..`): fix the index's weight_map"
+                );
+            }
             shards
                 .into_iter()
                 .map(|shard| require(shard))

@@ -69,12 +69,6 @@ impl Prompter {
         })
     }
 
-    /// The config's prompts: `system_prompt` (none when empty) and `max_prompt_length`.
-    pub fn from_config(tokenizer: Arc<ChatTokenizer>, cfg: &crate::config::Config) -> Result<Self> {
-        let system_prompt = Some(cfg.system_prompt.clone()).filter(|s| !s.is_empty());
-        Self::new(tokenizer, system_prompt, cfg.max_prompt_length)
-    }
-
     /// The conversation of one question: the system prompt (if any), then the question.
     pub fn messages(&self, question: &str) -> Vec<Message> {
         self.system_prompt

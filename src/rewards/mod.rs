@@ -121,17 +121,6 @@ pub struct RewardSet {
 }
 
 impl RewardSet {
-    /// The config's `reward_funcs` with their `reward_weights`.
-    pub fn from_config(config: &crate::config::Config) -> Result<Self> {
-        Self::new(
-            &config.reward_funcs,
-            config.reward_weights.as_deref(),
-            RewardParams {
-                max_completion_length: config.max_completion_length,
-            },
-        )
-    }
-
     /// Builds the set; `weights` defaults to all 1. Unknown names and a weights/names length
     /// mismatch are errors.
     pub fn new(names: &[String], weights: Option<&[f64]>, params: RewardParams) -> Result<Self> {
@@ -217,5 +206,9 @@ impl RewardSet {
 
 /// The registry name closest to `name` (Levenshtein distance over characters).
 fn nearest_available(name: &str) -> &'static str {
-    crate::config::nearest(name, AVAILABLE).unwrap_or(AVAILABLE[0])
+    AVAILABLE
+        .iter()
+        .min_by_key(|candidate| strsim::levenshtein(name, candidate))
+        .copied()
+        .unwrap_or(AVAILABLE[0])
 }

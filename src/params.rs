@@ -1,0 +1,89 @@
+//! How the commands turn the [`Config`] into the parameters of the pieces below them: the
+//! optimiser, the schedule, the rewards, sampling, the dataset and the prompts know nothing of
+//! the config (layers only look down); each `from_config` here is the one place a config field
+//! reaches them.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::data::DatasetSpec;
+use crate::optim::{warmup_steps, AdamWParams, LrSchedule};
+use crate::prompt::{ChatTokenizer, Prompter};
+use crate::rewards::{RewardParams, RewardSet};
+use crate::sampling::SamplingParams;
+
+impl AdamWParams {
+    /// The config's `adam_beta1`, `adam_beta2`, `adam_epsilon` and `weight_decay`.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        }
+    }
+}
+
+impl LrSchedule {
+    /// The config's schedule (`lr_scheduler_type`, `learning_rate`, warmup) over `total_steps`.
+    pub fn from_config(cfg: &Config, total_steps: usize) -> Self {
+        Self {
+            kind: cfg.lr_scheduler_type,
+            peak_lr: cfg.learning_rate,
+            warmup_steps: warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
+            total_steps,
+        }
+    }
+}
+
+impl RewardSet {
+    /// The config's `reward_funcs` with their `reward_weights`.
+    pub fn from_config(config: &Config) -> Result<Self> {
+        Self::new(
+            &config.reward_funcs,
+            config.reward_weights.as_deref(),
+            RewardParams {
+                max_completion_length: config.max_completion_length,
+            },
+        )
+    }
+}
+
+impl SamplingParams {
+    /// The config's sampling settings (`temperature`, `top_k`, `top_p`, `min_p`,
+    /// `repetition_penalty`).
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            temperature: Some(config.temperature as f32),
+            top_k: config.top_k,
+            top_p: config.top_p as f32,
+            min_p: config.min_p.unwrap_or(0.0) as f32,
+            repetition_penalty: config.repetition_penalty as f32,
+        }
+    }
+}
+
+impl DatasetSpec {
+    /// The config's dataset (`dataset_name`, `dataset_revision`, `dataset_config`, prompt and
+    /// answer columns) at `split`.
+    pub fn from_config(config: &Config, split: &str) -> Self {
+        Self {
+            name_or_path: config.dataset_name.clone(),
+            revision: Some(config.dataset_revision.clone()),
+            config: config.dataset_config.clone(),
+            split: split.to_string(),
+            prompt_column: config.dataset_prompt_column.clone(),
+            answer_column: config.dataset_answer_column.clone(),
+        }
+    }
+}
+
+impl Prompter {
+    /// The config's prompts: `system_prompt` (none when empty) and `max_prompt_length`.
+    pub fn from_config(tokenizer: Arc<ChatTokenizer>, cfg: &Config) -> Result<Self> {
+        let system_prompt = Some(cfg.system_prompt.clone()).filter(|s| !s.is_empty());
+        Self::new(tokenizer, system_prompt, cfg.max_prompt_length)
+    }
+}
