@@ -94,10 +94,16 @@ impl PeakMemory {
 
 /// The process's peak resident set size in bytes (`VmHWM`, reported in kB).
 fn process_peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    proc_file_kib("/proc/self/status", "VmHWM:")
+}
+
+/// The value of the `key` line (e.g. `VmHWM:`) of a `/proc` file whose values are in kB, in
+/// bytes.
+fn proc_file_kib(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line
-        .trim_start_matches("VmHWM:")
+        .trim_start_matches(key)
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -197,18 +203,7 @@ fn lower_bound_bytes(model: &Qwen2Config, dtype: DType, rows: &[Size], positions
 /// CUDA; `None` where it cannot be read.
 fn device_memory_total(device: &Device) -> Option<u64> {
     match device {
-        Device::Cpu => {
-            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line
-                .trim_start_matches("MemTotal:")
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()?;
-            Some(kib * 1024)
-        }
+        Device::Cpu => proc_file_kib("/proc/meminfo", "MemTotal:"),
         _ => device_memory_capacity(device),
     }
 }

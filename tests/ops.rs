@@ -77,7 +77,10 @@ fn fused_rope_matches_composite_forward_and_backward() {
     )
     .unwrap();
     let (cos, sin) = rope_tables(&positions, d, 1e6).unwrap();
-    let fused = x.as_tensor().apply_op3(&cos, &sin, fused::Rope).unwrap();
+    let fused = x
+        .as_tensor()
+        .apply_op3(&cos, &sin, fused::Rope { adjoint: false })
+        .unwrap();
     let composite = apply_rope_composite(x.as_tensor(), &cos, &sin).unwrap();
     assert!(max_diff(&fused, &composite) < 1e-6);
     let upstream = Tensor::randn(0f32, 1.0, fused.shape(), &Device::Cpu).unwrap();

@@ -168,8 +168,12 @@ impl CustomOp3 for RmsNormBackward {
 }
 
 /// Rotary embedding `x * cos + rotate_half(x) * sin` for `x` `[b, heads, t, d]` and tables
-/// `[b, 1, t, d]` (see `ops::rope_tables`).
-pub struct Rope;
+/// `[b, 1, t, d]` (see `ops::rope_tables`); with `adjoint`, the gradient of that map applied to
+/// `x`: `x * cos + rotate_half^T(x * sin)`, where the adjoint of `u -> cat(-u2, u1)` is
+/// `v -> cat(v2, -v1)` (the backward uses it).
+pub struct Rope {
+    pub adjoint: bool,
+}
 
 impl Rope {
     fn check(x: &Layout, table: &Layout) -> Result<(usize, usize, usize, usize)> {
@@ -195,7 +199,7 @@ impl CustomOp3 for Rope {
         sin: &CpuStorage,
         sin_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        rope_kernel(x, x_layout, cos, cos_layout, sin, sin_layout, false)
+        rope_kernel(x, x_layout, cos, cos_layout, sin, sin_layout, self.adjoint)
     }
 
     fn bwd(
@@ -207,33 +211,11 @@ impl CustomOp3 for Rope {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-        let grad_x = grad_out
-            .contiguous()?
-            .apply_op3_no_bwd(&cos, &sin, &RopeBackward)?;
+        let grad_x =
+            grad_out
+                .contiguous()?
+                .apply_op3_no_bwd(&cos, &sin, &Rope { adjoint: true })?;
         Ok((Some(grad_x), None, None))
-    }
-}
-
-/// The gradient of [`Rope`] with respect to `x`, as a custom op over `(grad_out, cos, sin)`:
-/// `g * cos + rotate_half^T(g * sin)`, where the adjoint of `u -> cat(-u2, u1)` is
-/// `v -> cat(v2, -v1)`.
-struct RopeBackward;
-
-impl CustomOp3 for RopeBackward {
-    fn name(&self) -> &'static str {
-        "fused-rope-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-        cos: &CpuStorage,
-        cos_layout: &Layout,
-        sin: &CpuStorage,
-        sin_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        rope_kernel(grad, grad_layout, cos, cos_layout, sin, sin_layout, true)
     }
 }
 

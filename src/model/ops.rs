@@ -106,7 +106,9 @@ pub fn rope_tables(position_ids: &Tensor, head_dim: usize, theta: f64) -> Result
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_applies(x) {
         let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-        return x.contiguous()?.apply_op3(&cos, &sin, fused::Rope);
+        return x
+            .contiguous()?
+            .apply_op3(&cos, &sin, fused::Rope { adjoint: false });
     }
     apply_rope_composite(x, cos, sin)
 }
