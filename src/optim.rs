@@ -435,7 +435,8 @@ fn sum_of_squares(x: &Tensor) -> Result<f64> {
             (&*storage, layout.contiguous_offsets())
         {
             use rayon::prelude::*;
-            return Ok(data[start..end]
+            // Partial sums in chunk order, added in that order: the same bits every run.
+            let partial: Vec<f64> = data[start..end]
                 .par_chunks(1 << 16)
                 .map(|chunk| {
                     chunk
@@ -443,7 +444,8 @@ fn sum_of_squares(x: &Tensor) -> Result<f64> {
                         .map(|&v| f64::from(v) * f64::from(v))
                         .sum::<f64>()
                 })
-                .sum());
+                .collect();
+            return Ok(partial.iter().sum());
         }
     }
     Ok(x.to_dtype(DType::F64)?
