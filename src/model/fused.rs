@@ -1,7 +1,15 @@
-//! Fused CPU kernels for the hot element-wise parts of the forward (RMSNorm, rotary embeddings,
-//! softmax), each a candle custom op WITH a backward pass, so they are fast and still
-//! differentiable. `ops` uses them for f32 tensors on the CPU and falls back to the composite
-//! (multi-op) forms elsewhere; `tests/ops.rs` checks both directions against those forms.
+//! Fused CPU kernels of the forward (linear layers, RMSNorm, rotary embeddings, softmax, the
+//! attention softmax, SwiGLU, splitting and merging heads), each a candle custom op WITH a
+//! backward pass that is itself one kernel or one matmul per input, so they are fast and still
+//! differentiable; and [`FewRowsMatmul`], the forward-only product of decoding.
+//!
+//! Why fused: candle's backward gives every graph node a zero-filled gradient buffer and adds the
+//! node's gradient into it, views (reshape, transpose) included, so a layer composed of
+//! elementary ops moves many times the memory its maths needs. `ops` uses these kernels for f32
+//! tensors on the CPU and falls back to the composite (multi-op) forms elsewhere; `tests/ops.rs`
+//! checks values and gradients against those forms. Element-wise kernels split their rows over
+//! the threads (rayon) above 32 K elements; every output element is computed
+//! by one thread, so results do not depend on the thread count.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
