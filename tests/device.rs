@@ -343,3 +343,46 @@ fn bf16_grouped_forward_is_within_tolerance_of_golden() {
         assert!(l2(grad).is_finite() && l2(grad) > 0.0, "{name}");
     }
 }
+
+#[test]
+fn bf16_sampling_decodes_with_the_bf16_cache_like_the_bf16_forward() {
+    use grpo::sampling::{generate, GenerationSpec, SamplingParams};
+    let model = bf16_policy().inference_copy().unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 42, 9], vec![300, 2]];
+    let spec = GenerationSpec {
+        group_size: 2,
+        max_new_tokens: 6,
+        eos_ids: Vec::new(),
+        pad_id: 0,
+        params: SamplingParams::greedy(),
+        seed: 0,
+    };
+    let out = generate(&model, &prompts, &spec).unwrap();
+    for (row, ids) in out.ids.iter().enumerate() {
+        let sequence: Vec<u32> = prompts[row / 2].iter().chain(ids).copied().collect();
+        let n = sequence.len();
+        let input = Tensor::new(sequence.as_slice(), &Device::Cpu)
+            .unwrap()
+            .reshape((1, n))
+            .unwrap();
+        let mask = Tensor::ones((1, n), DType::U32, &Device::Cpu).unwrap();
+        let hidden = model.forward_masked(&input, &mask).unwrap();
+        let logits = model.lm_head(&hidden).unwrap().squeeze(0).unwrap();
+        let prompt_len = prompts[row / 2].len();
+        for (step, &token) in ids.iter().enumerate() {
+            let scores: Vec<f32> = logits
+                .get(prompt_len - 1 + step)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let best = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // The argmax, or a tie within bf16 resolution of the largest logit.
+            let slack = 4.0 * BF16_UNIT_ROUNDOFF as f32 * best.abs().max(1.0);
+            assert!(
+                best - scores[token as usize] <= slack,
+                "row {row} step {step}: chose {token} ({}), best {best}",
+                scores[token as usize]
+            );
+        }
+    }
+}
