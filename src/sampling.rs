@@ -2,12 +2,12 @@
 //! penalty, temperature, top-k, top-p, min-p) applied in its order, then a seeded draw.
 //!
 //! The token choice works on one row of logits as a plain `f32` slice, so it is exact, cheap to
-//! test against hand-computed distributions, and independent of the device the model runs on.
+//! test against transformers' processors, and independent of the device the model runs on.
 //! [`generate`] drives the model: each prompt is prefilled once and its KV cache shared by its G
-//! completions.
+//! completions; plain greedy decoding takes its argmax on the model's device instead.
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -238,8 +238,10 @@ pub struct GenerationSpec {
 /// All prompts run as one left-padded batch: one prefill forward `[B, P]`, then one decode
 /// forward `[rows, 1]` per new token over the rows still generating, with a cache in the
 /// model's compute dtype preallocated for `P + max_new_tokens` positions and written in place.
-/// Only the last position's logits are computed. Each row chooses its token with its own
-/// [`TokenChooser`] (the repetition penalty sees the row's prompt and its tokens so far). A row
+/// Only the last position's logits are computed. Plain greedy decoding takes the argmax on the
+/// model's device (only token ids cross to the host); otherwise each row chooses its token with
+/// its own [`TokenChooser`] on the host (the repetition penalty sees the row's prompt and its
+/// tokens so far). A row
 /// that has finished leaves the batch (its cache rows are dropped) so it costs nothing more; the
 /// loop stops when every row has finished.
 ///
@@ -286,24 +288,19 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
         )
         .context("prefilling the prompts")?;
     // Row r * G + g starts from prompt r's last-token logits and its cache row.
-    let mut logits: Vec<Vec<f32>> = last_token_logits(model, &hidden)?
-        .into_iter()
-        .flat_map(|row| std::iter::repeat_n(row, spec.group_size))
+    let repeat: Vec<u32> = (0..prompts.len() as u32)
+        .flat_map(|r| std::iter::repeat_n(r, spec.group_size))
         .collect();
+    let mut logits =
+        last_token_logits(model, &hidden)?.index_select(&Tensor::new(repeat, &device)?, 0)?;
     let mut cache = cache.repeat_rows(spec.group_size)?;
     // The rows of the batch (and of the cache), in order; finished rows leave it.
     let mut active: Vec<usize> = (0..rows.len()).collect();
 
     for step in 0..spec.max_new_tokens {
-        for (&row, row_logits) in active.iter().zip(logits.iter_mut()) {
-            if let Some(bad) = row_logits.iter().find(|x| !x.is_finite()) {
-                bail!(
-                    "the model produced non-finite logits ({bad}) for completion {row} at new \
-                     token {}: its weights or activations are not finite",
-                    step + 1
-                );
-            }
-            rows[row].advance(row_logits, &spec.eos_ids);
+        let tokens = choose_tokens(&logits, &mut rows, &active, spec.params, step)?;
+        for (&row, token) in active.iter().zip(tokens) {
+            rows[row].push(token, &spec.eos_ids);
         }
         let still_active: Vec<usize> = (0..active.len())
             .filter(|&i| !rows[active[i]].finished)
@@ -400,12 +397,8 @@ impl Row {
         &self.history[self.prompt_len..]
     }
 
-    /// Chooses the next token from `logits` unless the row is finished.
-    fn advance(&mut self, logits: &mut [f32], eos_ids: &[u32]) {
-        if self.finished {
-            return;
-        }
-        let token = self.chooser.choose(logits, &self.history);
+    /// Appends the chosen token; an EOS id finishes the row.
+    fn push(&mut self, token: u32, eos_ids: &[u32]) {
         self.history.push(token);
         self.finished = eos_ids.contains(&token);
     }
@@ -416,14 +409,57 @@ fn row_seed(seed: u64, index: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index
 }
 
-/// The logits of the last position of `hidden` `[b, t, h]`, as `b` CPU rows of f32.
-fn last_token_logits(model: &Qwen2, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+/// The f32 logits `[b, vocab]` of the last position of `hidden` `[b, t, h]`, on its device.
+fn last_token_logits(model: &Qwen2, hidden: &Tensor) -> Result<Tensor> {
     let (_, t, _) = hidden.dims3()?;
-    let logits = model.lm_head(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-    Ok(logits
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?
-        .to_vec2::<f32>()?)
+    Ok(model
+        .lm_head(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?
+        .to_dtype(DType::F32)?)
+}
+
+/// The next token of each batch row (`active[i]` is the completion of batch row `i`).
+///
+/// Plain greedy decoding (no temperature, no repetition penalty) takes the argmax where the
+/// logits are, so on a GPU only the token ids (and one checksum) cross to the host. Otherwise
+/// the logits come to the host and each row's [`TokenChooser`] applies the processors to its
+/// row, with its own history and seeded RNG.
+fn choose_tokens(
+    logits: &Tensor,
+    rows: &mut [Row],
+    active: &[usize],
+    params: SamplingParams,
+    step: usize,
+) -> Result<Vec<u32>> {
+    let non_finite = |detail: String| {
+        anyhow::anyhow!(
+            "the model produced non-finite logits ({detail}) at new token {}: its weights or \
+             activations are not finite",
+            step + 1
+        )
+    };
+    if params.temperature.is_none() && params.repetition_penalty == 1.0 {
+        // NaN and infinities survive a sum; finite logits (|x| < 1e30) cannot overflow it.
+        let checksum = logits.sum_all()?.to_scalar::<f32>()?;
+        if !checksum.is_finite() {
+            return Err(non_finite(format!("their sum is {checksum}")));
+        }
+        return Ok(logits
+            .argmax(D::Minus1)?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<u32>()?);
+    }
+    let mut host = logits.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    active
+        .iter()
+        .zip(host.iter_mut())
+        .map(|(&row, row_logits)| {
+            if let Some(bad) = row_logits.iter().find(|x| !x.is_finite()) {
+                return Err(non_finite(format!("{bad} for completion {row}")));
+            }
+            let row = &mut rows[row];
+            Ok(row.chooser.choose(row_logits, &row.history))
+        })
+        .collect()
 }
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: every token already present has its score

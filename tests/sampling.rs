@@ -334,12 +334,15 @@ fn non_finite_logits_are_an_error_not_a_token() {
         })
         .collect();
     let model = Qwen2::from_parameters(files.config.clone(), parameters, false).unwrap();
-    let error = generate(&model, &prompts(), &spec(sampled(1.0), 2, 4)).unwrap_err();
-    let message = format!("{error:#}");
-    assert!(
-        message.contains("non-finite logits") && message.contains("new token 1"),
-        "{message}"
-    );
+    // Sampled on the host, and greedy on the device: both refuse.
+    for params in [sampled(1.0), SamplingParams::greedy()] {
+        let error = generate(&model, &prompts(), &spec(params, 2, 4)).unwrap_err();
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("non-finite logits") && message.contains("new token 1"),
+            "{message}"
+        );
+    }
 }
 
 /// The processors against transformers' own (`generate`'s processor list) on fixed logits:
