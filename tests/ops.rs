@@ -14,11 +14,9 @@ fn random(shape: &[usize], seed_scale: f64) -> Var {
     Var::from_tensor(&Tensor::randn(0f32, seed_scale as f32, shape, &Device::Cpu).unwrap()).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
+/// The largest absolute value of `t`.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -26,6 +24,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar()
         .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - b).unwrap())
 }
 
 /// Gradients of `sum(out * upstream)` with respect to `inputs`.
@@ -162,18 +165,7 @@ fn position_ids_are_cumsum_minus_one_clamped() {
 /// `fused` and `composite` (the same function of `inputs`) agree in value and in the gradient
 /// of every input, within `tol` relative to the largest magnitude of each compared tensor.
 fn assert_same_function(fused: &Tensor, composite: &Tensor, inputs: &[(&str, &Var)], tol: f32) {
-    let scale = |t: &Tensor| -> f32 {
-        let max: f32 = t
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        max.max(1.0)
-    };
+    let scale = |t: &Tensor| max_abs(t).max(1.0);
     let diff = max_diff(fused, composite);
     assert!(diff < tol * scale(composite), "values differ by {diff}");
     let upstream = Tensor::randn(0f32, 1.0, fused.shape(), &Device::Cpu).unwrap();
