@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{position_ids_from_mask, ModelFiles, Qwen2};
+use crate::model::{group_index, position_ids_from_mask, ModelFiles, Qwen2};
 use crate::prompt::{left_pad, ChatTokenizer};
 
 /// How the next token is chosen. Field meanings and defaults are TRL's `GRPOConfig`'s.
@@ -241,9 +241,8 @@ pub struct GenerationSpec {
 /// Only the last position's logits are computed. Plain greedy decoding takes the argmax on the
 /// model's device (only token ids cross to the host); otherwise each row chooses its token with
 /// its own [`TokenChooser`] on the host (the repetition penalty sees the row's prompt and its
-/// tokens so far). A row
-/// that has finished leaves the batch (its cache rows are dropped) so it costs nothing more; the
-/// loop stops when every row has finished.
+/// tokens so far). A row that has finished leaves the batch (its cache rows are dropped) so it
+/// costs nothing more; the loop stops when every row has finished.
 ///
 /// Non-finite logits (NaN or infinite, e.g. from NaN weights) are an error, not a token.
 pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> Result<Completions> {
@@ -288,12 +287,9 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
         )
         .context("prefilling the prompts")?;
     // Row r * G + g starts from prompt r's last-token logits and its cache row.
-    let repeat: Vec<u32> = (0..prompts.len() as u32)
-        .flat_map(|r| std::iter::repeat_n(r, spec.group_size))
-        .collect();
-    let mut logits =
-        last_token_logits(model, &hidden)?.index_select(&Tensor::new(repeat, &device)?, 0)?;
-    let mut cache = cache.repeat_rows(spec.group_size)?;
+    let repeat = group_index(prompts.len(), spec.group_size, &device)?;
+    let mut logits = last_token_logits(model, &hidden)?.index_select(&repeat, 0)?;
+    let mut cache = cache.select_rows(&repeat)?;
     // The rows of the batch (and of the cache), in order; finished rows leave it.
     let mut active: Vec<usize> = (0..rows.len()).collect();
 

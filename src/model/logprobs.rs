@@ -14,7 +14,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::qwen2::{logits, GroupedBatch, Qwen2};
+use super::qwen2::{group_index, logits, GroupedBatch, Qwen2};
 
 /// Positions per lm_head chunk (a 152k vocabulary makes each chunk ~600 MB of f32 logits).
 pub const CHUNK_ROWS: usize = 1024;
@@ -250,10 +250,7 @@ pub fn grouped_completion_logprobs(
     let (num_prompts, prompt_len) = batch.prompt_ids.dims2()?;
     let completion_len = batch.completion_ids.dim(1)?;
     let (prompt_hidden, completion_hidden) = model.forward_grouped(batch)?;
-    let group_index: Vec<u32> = (0..num_prompts as u32)
-        .flat_map(|r| std::iter::repeat_n(r, batch.group_size))
-        .collect();
-    let group_index = Tensor::new(group_index, batch.prompt_ids.device())?;
+    let group_index = group_index(num_prompts, batch.group_size, batch.prompt_ids.device())?;
     let last_prompt = prompt_hidden
         .narrow(1, prompt_len - 1, 1)?
         .contiguous()?

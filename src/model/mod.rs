@@ -13,4 +13,4 @@ pub use logprobs::{
     completion_logprobs, grouped_completion_logprobs, token_logprobs, TokenLogprobs,
 };
 pub use ops::position_ids_from_mask;
-pub use qwen2::{GroupedBatch, KvCache, Qwen2};
+pub use qwen2::{group_index, GroupedBatch, KvCache, Qwen2};

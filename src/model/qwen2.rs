@@ -15,7 +15,7 @@
 //! # Sampling with the KV cache
 //! ```text
 //! // prefill: B prompts, left-padded to P, room for N new tokens
-//! let mut cache = KvCache::new(model.config(), B, P + N, &device)?;
+//! let mut cache = model.new_cache(B, P + N)?;
 //! let hidden = model.forward(&prompt_ids, &position_ids_from_mask(&prompt_mask)?, &prompt_mask,
 //!                            Some(&mut cache))?;                       // [B, P, h]
 //! let logits = model.lm_head(&hidden.narrow(1, P - 1, 1)?)?;            // [B, 1, V]
@@ -198,14 +198,11 @@ impl KvCache {
     /// A new cache whose row `r * times + g` (for `g < times`) is a copy of row `r`: prefill B
     /// prompts once, then decode G samples of each.
     pub fn repeat_rows(&self, times: usize) -> Result<Self> {
-        let rows: Vec<u32> = (0..self.batch() as u32)
-            .flat_map(|r| std::iter::repeat_n(r, times))
-            .collect();
         let device = self
             .layers
             .first()
             .map_or(Device::Cpu, |(k, _)| k.device().clone());
-        self.select_rows(&Tensor::new(rows, &device)?)
+        self.select_rows(&group_index(self.batch(), times, &device)?)
     }
 
     /// A new cache made of the rows `rows` (`u32` indices, repeats allowed) of this one.
@@ -487,10 +484,7 @@ impl Qwen2 {
             );
         }
         let device = prompt_ids.device();
-        let group_index: Vec<u32> = (0..num_prompts as u32)
-            .flat_map(|r| std::iter::repeat_n(r, group_size))
-            .collect();
-        let group_index = Tensor::new(group_index, device)?;
+        let group_index = group_index(num_prompts, group_size, device)?;
         let full_mask = Tensor::cat(
             &[
                 &prompt_mask.contiguous()?.index_select(&group_index, 0)?,
@@ -603,4 +597,13 @@ impl Qwen2 {
 /// already in the compute dtype (the matmul runs in that dtype).
 pub(crate) fn logits(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
     linear(&hidden.to_dtype(weight.dtype())?, weight, None)?.to_dtype(DType::F32)
+}
+
+/// The `u32` index `[0, .., 0, 1, .., 1, ..]` that repeats each of `groups` rows `group_size`
+/// times: row `r * group_size + g` of a grouped batch comes from row `r` (its prompt).
+pub fn group_index(groups: usize, group_size: usize, device: &Device) -> Result<Tensor> {
+    let index: Vec<u32> = (0..groups as u32)
+        .flat_map(|r| std::iter::repeat_n(r, group_size))
+        .collect();
+    Tensor::new(index, device)
 }
