@@ -50,6 +50,10 @@ pub enum ResumeFrom {
 /// the model is known ([`crate::memory::ensure_fits`]).
 pub const MAX_COUNT: usize = i32::MAX as usize;
 
+/// Most CPU worker threads (`cpu_workers`): far beyond any machine's cores, small enough that a
+/// typo does not start millions of threads.
+pub const MAX_CPU_WORKERS: usize = 1024;
+
 /// The reporting integrations this build knows (`report_to`).
 pub const REPORT_TO_VALUES: &[&str] = &["none", "all", "tensorboard"];
 
@@ -91,6 +95,8 @@ pub struct Config {
     pub gradient_accumulation_steps: usize,
     /// Ours: most completions per training forward/backward pass; 0 = all of the micro-step's.
     pub forward_batch_size: usize,
+    /// Ours: CPU worker threads that each run a shard of a batch single-threaded; 0 = automatic.
+    pub cpu_workers: usize,
     pub seed: u64,
     pub bf16: bool,
 
@@ -164,6 +170,7 @@ impl Default for Config {
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
             forward_batch_size: 0,
+            cpu_workers: 0,
             seed: 42,
             bf16: false,
 
@@ -393,6 +400,12 @@ impl Config {
         );
         check.at_most("warmup_steps", self.warmup_steps);
         check.at_most("forward_batch_size", self.forward_batch_size);
+        check.that(
+            self.cpu_workers <= MAX_CPU_WORKERS,
+            "cpu_workers",
+            self.cpu_workers,
+            &format!("0 (automatic) or a number of threads up to {MAX_CPU_WORKERS}"),
+        );
         check.at_most("top_k", self.top_k);
         let rows = self
             .per_device_train_batch_size

@@ -31,3 +31,4 @@ pub mod sft;
 pub mod synth;
 pub mod timing;
 pub mod train;
+pub mod workers;

@@ -13,6 +13,8 @@
 //! and logits alone exceed the device's memory, naming the config fields that set them, so a huge
 //! `per_device_train_batch_size` is an error instead of an allocation failure that aborts.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
@@ -49,8 +51,9 @@ const BYTES_PER_GIB: f64 = (1u64 << 30) as f64;
 /// The high-water mark of one step's memory.
 pub struct PeakMemory {
     device: Device,
-    /// Largest CUDA sample since [`PeakMemory::reset`], in bytes.
-    peak_bytes: Option<u64>,
+    /// Largest CUDA sample since [`PeakMemory::reset`], in bytes (0: none yet). Atomic so that
+    /// workers running shards at once can sample it.
+    peak_bytes: AtomicU64,
 }
 
 impl PeakMemory {
@@ -58,7 +61,7 @@ impl PeakMemory {
     pub fn new(device: &Device) -> Self {
         let mut memory = Self {
             device: device.clone(),
-            peak_bytes: None,
+            peak_bytes: AtomicU64::new(0),
         };
         memory.reset();
         memory
@@ -66,7 +69,7 @@ impl PeakMemory {
 
     /// Starts a new step: forgets the peak so far.
     pub fn reset(&mut self) {
-        self.peak_bytes = None;
+        self.peak_bytes.store(0, Ordering::Relaxed);
         if self.device.is_cpu() {
             // "5" resets the peak RSS to the current RSS (Linux >= 4.0). Where this cannot be
             // written the peak is the process's since it started, still an upper bound.
@@ -76,9 +79,9 @@ impl PeakMemory {
     }
 
     /// Records the memory in use now (CUDA); the CPU's peak is tracked by the kernel.
-    pub fn sample(&mut self) {
+    pub fn sample(&self) {
         if let Some(used) = device_memory_in_use(&self.device) {
-            self.peak_bytes = Some(self.peak_bytes.map_or(used, |peak| peak.max(used)));
+            self.peak_bytes.fetch_max(used, Ordering::Relaxed);
         }
     }
 
@@ -86,7 +89,10 @@ impl PeakMemory {
     pub fn peak_gib(&self) -> Option<f64> {
         let bytes = match self.device {
             Device::Cpu => process_peak_rss()?,
-            _ => self.peak_bytes?,
+            _ => match self.peak_bytes.load(Ordering::Relaxed) {
+                0 => return None,
+                bytes => bytes,
+            },
         };
         Some(bytes as f64 / BYTES_PER_GIB)
     }

@@ -18,7 +18,8 @@ use crate::grpo;
 use crate::model::{ModelFiles, Qwen2};
 use crate::prompt::{ChatTokenizer, Prompter};
 use crate::rewards::{Completion, RewardSet};
-use crate::sampling::{generate, GenerationSpec, SamplingParams, StopTokens};
+use crate::sampling::{generate_on, GenerationSpec, SamplingParams, StopTokens};
+use crate::workers::Workers;
 
 /// Where `grpo sample` takes its prompt from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +203,7 @@ pub struct GeneratedText {
 /// questions.
 pub struct Generator {
     model: Qwen2,
+    workers: Workers,
     prompter: Prompter,
     stop: StopTokens,
     max_new_tokens: usize,
@@ -223,6 +225,12 @@ impl Generator {
         let files = ModelFiles::resolve(model_name_or_path, revision)?;
         let tokenizer = ChatTokenizer::from_dir(&files.tokenizer_dir()?)?;
         let stop = StopTokens::resolve(&files, &tokenizer)?;
+        // Before the first tensor operation: it may make candle's kernels single-threaded.
+        let workers = Workers::for_cpu(
+            config.cpu_workers,
+            &runtime.device,
+            files.config.hidden_size,
+        )?;
         let model = Qwen2::load_reference(&files, &runtime.device)?
             .with_compute_dtype(runtime.compute_dtype)?;
         let prompter = Prompter::from_config(Arc::new(tokenizer), config)?;
@@ -233,6 +241,7 @@ impl Generator {
         );
         Ok(Self {
             model,
+            workers,
             prompter,
             stop,
             max_new_tokens: config.max_completion_length,
@@ -275,7 +284,7 @@ impl Generator {
             params,
             seed,
         };
-        let completions = generate(&self.model, &prompts, &spec)
+        let completions = generate_on(&self.workers, &self.model, &prompts, &spec)
             .with_context(|| format!("sampling from the model {}", self.source))?;
         let tokenizer = self.prompter.tokenizer();
         completions

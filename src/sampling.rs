@@ -11,8 +11,11 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{group_index, position_ids_from_mask, ModelFiles, Qwen2};
+use std::ops::Range;
+
+use crate::model::{position_ids_from_mask, ModelFiles, Qwen2};
 use crate::prompt::{left_pad, ChatTokenizer};
+use crate::workers::{split_evenly, Workers};
 
 /// How the next token is chosen. Field meanings and defaults are TRL's `GRPOConfig`'s.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -246,6 +249,19 @@ pub struct GenerationSpec {
 ///
 /// Non-finite logits (NaN or infinite, e.g. from NaN weights) are an error, not a token.
 pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> Result<Completions> {
+    generate_on(&Workers::single(), model, prompts, spec)
+}
+
+/// [`generate`] with the completions split into one shard per worker (whole groups when there
+/// are at least as many prompts as workers, else runs of one group's rows, each shard then
+/// prefilling its prompt itself), the shards generated at once. Every row keeps the seed of its
+/// place in the whole batch, so the completions do not depend on the split.
+pub fn generate_on(
+    workers: &Workers,
+    model: &Qwen2,
+    prompts: &[Vec<u32>],
+    spec: &GenerationSpec,
+) -> Result<Completions> {
     ensure!(
         spec.group_size > 0,
         "group_size must be at least 1 completion per prompt"
@@ -257,12 +273,43 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
     if let Some(index) = prompts.iter().position(Vec::is_empty) {
         bail!("prompt {index} has no tokens: every prompt needs at least one token to continue");
     }
-    let mut rows: Vec<Row> = prompts
-        .iter()
-        .flat_map(|prompt| std::iter::repeat_n(prompt, spec.group_size))
-        .enumerate()
-        .map(|(index, prompt)| Row::new(prompt, spec, index as u64))
-        .collect();
+    let group = spec.group_size;
+    let shards: Vec<Range<usize>> = if prompts.len() >= workers.count() {
+        split_evenly(prompts.len(), workers.count())
+            .into_iter()
+            .map(|prompts| prompts.start * group..prompts.end * group)
+            .collect()
+    } else {
+        split_evenly(prompts.len() * group, workers.count())
+    };
+    let parts = workers.map(shards, |rows| generate_rows(model, prompts, spec, rows))?;
+    let width = parts.iter().map(|part| part.width).max().unwrap_or(0);
+    let mut completions = Completions {
+        ids: Vec::with_capacity(prompts.len() * group),
+        lengths: Vec::with_capacity(prompts.len() * group),
+        truncated: Vec::with_capacity(prompts.len() * group),
+        width,
+    };
+    for part in parts {
+        for mut ids in part.ids {
+            ids.resize(width, spec.pad_id);
+            completions.ids.push(ids);
+        }
+        completions.lengths.extend(part.lengths);
+        completions.truncated.extend(part.truncated);
+    }
+    Ok(completions)
+}
+
+/// The completions `rows` of the batch (row `r` is completion `r % G` of prompt `r / G`): the
+/// prompts they continue run as one left-padded prefill, then one decode step per new token.
+fn generate_rows(
+    model: &Qwen2,
+    prompts: &[Vec<u32>],
+    spec: &GenerationSpec,
+    rows: Range<usize>,
+) -> Result<Completions> {
+    let group = spec.group_size;
     if rows.is_empty() {
         return Ok(Completions {
             ids: Vec::new(),
@@ -271,6 +318,14 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
             width: 0,
         });
     }
+    let first_prompt = rows.start / group;
+    let prompts = &prompts[first_prompt..=(rows.end - 1) / group];
+    // The prompt (among `prompts`) of each of our rows.
+    let prompt_of: Vec<usize> = rows.clone().map(|r| r / group - first_prompt).collect();
+    let mut rows: Vec<Row> = rows
+        .zip(&prompt_of)
+        .map(|(index, &prompt)| Row::new(&prompts[prompt], spec, index))
+        .collect();
 
     let device = model.lm_head_weight().device().clone();
     let padded = left_pad(prompts, spec.pad_id);
@@ -286,8 +341,11 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
             Some(&mut cache),
         )
         .context("prefilling the prompts")?;
-    // Row r * G + g starts from prompt r's last-token logits and its cache row.
-    let repeat = group_index(prompts.len(), spec.group_size, &device)?;
+    // Each row starts from its prompt's last-token logits and cache row.
+    let repeat = Tensor::new(
+        prompt_of.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+        &device,
+    )?;
     let mut logits = last_token_logits(model, &hidden)?.index_select(&repeat, 0)?;
     let mut cache = cache.select_rows(&repeat)?;
     // The rows of the batch (and of the cache), in order; finished rows leave it.
@@ -325,7 +383,7 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<u32>], spec: &GenerationSpec) -> R
         let key_mask: Vec<u32> = active
             .iter()
             .flat_map(|&row| {
-                padded.mask[row / spec.group_size]
+                padded.mask[prompt_of[row]]
                     .iter()
                     .copied()
                     .chain(std::iter::repeat_n(1, step + 1))
@@ -372,18 +430,21 @@ struct Row {
     /// The prompt's tokens followed by the tokens generated so far.
     history: Vec<u32>,
     prompt_len: usize,
+    /// Its place in the whole batch (row `r` is completion `r % G` of prompt `r / G`).
+    index: usize,
     /// An EOS id has been generated.
     finished: bool,
 }
 
 impl Row {
-    fn new(prompt: &[u32], spec: &GenerationSpec, index: u64) -> Self {
+    fn new(prompt: &[u32], spec: &GenerationSpec, index: usize) -> Self {
         let mut history = Vec::with_capacity(prompt.len() + spec.max_new_tokens);
         history.extend_from_slice(prompt);
         Self {
-            chooser: TokenChooser::new(spec.params, row_seed(spec.seed, index)),
+            chooser: TokenChooser::new(spec.params, row_seed(spec.seed, index as u64)),
             history,
             prompt_len: prompt.len(),
+            index,
             finished: false,
         }
     }
@@ -449,10 +510,10 @@ fn choose_tokens(
         .iter()
         .zip(host.iter_mut())
         .map(|(&row, row_logits)| {
-            if let Some(bad) = row_logits.iter().find(|x| !x.is_finite()) {
-                return Err(non_finite(format!("{bad} for completion {row}")));
-            }
             let row = &mut rows[row];
+            if let Some(bad) = row_logits.iter().find(|x| !x.is_finite()) {
+                return Err(non_finite(format!("{bad} for completion {}", row.index)));
+            }
             Ok(row.chooser.choose(row_logits, &row.history))
         })
         .collect()

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use tracing::{info, warn};
 
@@ -42,6 +43,7 @@ use crate::rewards::{Completion, RewardSet};
 use crate::run::Run;
 use crate::sampling::{self, GenerationSpec, SamplingParams, StopTokens};
 use crate::timing::{PhaseTimes, Stopwatch};
+use crate::workers::Workers;
 
 /// Runs `grpo train` with a validated config.
 pub fn train(cfg: &Config) -> Result<()> {
@@ -65,6 +67,8 @@ pub fn train(cfg: &Config) -> Result<()> {
         // Not max_prompt_length: prompts take only the positions they need.
         &[("max_completion_length", cfg.max_completion_length)],
     )?;
+    // Before the first tensor operation: it may make candle's kernels single-threaded.
+    let workers = Workers::for_cpu(cfg.cpu_workers, &device, files.config.hidden_size)?;
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
     let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;
     let stop = StopTokens::resolve(&files, &tokenizer)?;
@@ -89,11 +93,13 @@ pub fn train(cfg: &Config) -> Result<()> {
         crate::progress::Progress::new(total_steps as u64, run.state.global_step, "train");
     let sampling_params = SamplingParams::from_config(cfg);
     info!(
-        "training {} on {} prompts: {total_steps} steps of {} prompts x {} completions",
+        "training {} on {} prompts: {total_steps} steps of {} prompts x {} completions, {} \
+         worker(s)",
         files.source,
         dataset.len(),
         cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-        cfg.num_generations
+        cfg.num_generations,
+        workers.count()
     );
 
     // ---- the loop: one iteration per optimizer step -------------------------------------------
@@ -138,6 +144,7 @@ pub fn train(cfg: &Config) -> Result<()> {
                     };
                     let (rollout, rollout_times) = rollout(
                         &sampler,
+                        &workers,
                         &prompter,
                         &rewards,
                         &examples,
@@ -178,8 +185,9 @@ pub fn train(cfg: &Config) -> Result<()> {
                 &rollout.batch,
                 cfg,
                 &loss_params,
+                &workers,
                 &mut grads,
-                &mut meters,
+                &meters,
             )?;
             times.add(&micro.times);
             loss_value += micro.loss;
@@ -514,64 +522,58 @@ struct MicroStep {
     times: PhaseTimes,
 }
 
-/// Loss and gradients of one micro-batch, `forward_batch_size` completions at a time: each
-/// chunk's loss is normalised by the whole micro-batch, back-propagated into `grads`, and its
-/// graph dropped before the next chunk, so the sums equal one pass over the whole micro-batch.
+/// Loss and gradients of one micro-batch, in chunks ([`chunk_size`]): each chunk's loss is
+/// normalised by the whole micro-batch and back-propagated, its graph dropped before its
+/// gradients join `grads`, so the sums equal one pass over the whole micro-batch. The workers
+/// take one chunk each at a time; the gradients are summed in the chunks' order.
+#[allow(clippy::too_many_arguments)]
 fn micro_step(
     policy: &Qwen2,
     reference: Option<&Qwen2>,
     batch: &TrainBatch,
     cfg: &Config,
     loss_params: &LossParams,
+    workers: &Workers,
     grads: &mut Gradients,
-    meters: &mut Meters,
+    meters: &Meters,
 ) -> Result<MicroStep> {
     let micro_batch = MicroBatchSize::of(&batch.mask)?;
+    let size = chunk_size(
+        cfg.forward_batch_size,
+        batch.mask.dim(0)?,
+        batch.group_size,
+        workers.count(),
+    );
     let mut loss_value = 0.0;
     let mut metrics = Vec::new();
     let mut entropy = Vec::new();
     let mut times = PhaseTimes::default();
-    for chunk in batch.chunks(cfg.forward_batch_size)? {
-        let (policy_logps, forward_time) = meters.stopwatch.time(|| {
-            grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true)
+    let chunks = batch.chunks(size)?;
+    for wave in chunks.chunks(workers.count()) {
+        let (done, seconds) = meters.stopwatch.time(|| {
+            workers.map(wave.iter().collect(), |chunk| {
+                chunk_step(
+                    policy,
+                    reference,
+                    chunk,
+                    cfg,
+                    loss_params,
+                    micro_batch,
+                    meters,
+                )
+            })
         })?;
-        let (ref_logps, reference_time) = meters.stopwatch.time(|| {
-            reference
-                .map(|model| {
-                    grouped_completion_logprobs(model, &chunk.grouped(), cfg.temperature, false)
-                        .map(|logps| logps.logprobs)
-                })
-                .transpose()
-        })?;
-        times.reference += reference_time;
-        meters.memory.sample();
-        let old_logp = match &chunk.old_logp {
-            Some(old) => old.clone(),
-            None => policy_logps.logprobs.detach(),
-        };
-        let loss = grpo::chunk_grpo_loss(
-            &LossInputs {
-                logp: &policy_logps.logprobs,
-                old_logp: &old_logp,
-                ref_logp: ref_logps.as_ref(),
-                advantages: &chunk.advantages,
-                mask: &chunk.mask,
-            },
-            loss_params,
-            micro_batch,
-        )?;
-        let (chunk_loss, backward_time) = meters.stopwatch.time(|| -> Result<f64> {
-            let chunk_loss = loss.loss.to_scalar::<f32>()? as f64;
-            grads.accumulate(policy.named_parameters(), &loss.loss.backward()?)?;
-            Ok(chunk_loss)
-        })?;
-        loss_value += chunk_loss;
-        times.policy += forward_time + backward_time;
-        meters.memory.sample();
-        let tokens = MicroBatchSize::of(&chunk.mask)?.tokens;
-        metrics.push((loss.metrics, tokens));
-        if let Some(e) = &policy_logps.entropy {
-            entropy.push((grpo::masked_mean(e, &chunk.mask)?, tokens));
+        // The wave's wall-clock time, shared between the phases as the workers spent it.
+        let policy_seconds: f64 = done.iter().map(|c| c.policy_seconds).sum();
+        let reference_seconds: f64 = done.iter().map(|c| c.reference_seconds).sum();
+        let reference_share = reference_seconds / (policy_seconds + reference_seconds).max(1e-12);
+        times.reference += seconds * reference_share;
+        times.policy += seconds * (1.0 - reference_share);
+        for chunk in done {
+            grads.accumulate(policy.named_parameters(), &chunk.grads)?;
+            loss_value += chunk.loss;
+            metrics.push(chunk.metrics);
+            entropy.extend(chunk.entropy);
         }
     }
     Ok(MicroStep {
@@ -582,9 +584,91 @@ fn micro_step(
     })
 }
 
-/// Samples, decodes and scores one micro-batch; times its generation and rewards.
+/// Completions per training chunk: `forward_batch_size`; with several workers and
+/// `forward_batch_size = 0`, one group per chunk (each cut to its own longest completion), or
+/// equal slices of a group when there are fewer groups than workers.
+fn chunk_size(forward_batch_size: usize, rows: usize, group: usize, workers: usize) -> usize {
+    if forward_batch_size != 0 || workers <= 1 {
+        return forward_batch_size;
+    }
+    let per_worker = rows.div_ceil(workers).min(group);
+    (per_worker..=group)
+        .find(|size| group % size == 0)
+        .unwrap_or(group)
+}
+
+/// One chunk's loss and gradients, and the seconds its policy and reference passes took.
+struct ChunkStep {
+    loss: f64,
+    metrics: (LossMetrics, f64),
+    entropy: Option<(f64, f64)>,
+    grads: GradStore,
+    policy_seconds: f64,
+    reference_seconds: f64,
+}
+
+/// Forward passes, loss and backward of one chunk (see [`micro_step`]).
+fn chunk_step(
+    policy: &Qwen2,
+    reference: Option<&Qwen2>,
+    chunk: &TrainBatch,
+    cfg: &Config,
+    loss_params: &LossParams,
+    micro_batch: MicroBatchSize,
+    meters: &Meters,
+) -> Result<ChunkStep> {
+    let (policy_logps, forward_time) = meters
+        .stopwatch
+        .time(|| grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true))?;
+    let (ref_logps, reference_seconds) = meters.stopwatch.time(|| {
+        reference
+            .map(|model| {
+                grouped_completion_logprobs(model, &chunk.grouped(), cfg.temperature, false)
+                    .map(|logps| logps.logprobs)
+            })
+            .transpose()
+    })?;
+    meters.memory.sample();
+    let old_logp = match &chunk.old_logp {
+        Some(old) => old.clone(),
+        None => policy_logps.logprobs.detach(),
+    };
+    let loss = grpo::chunk_grpo_loss(
+        &LossInputs {
+            logp: &policy_logps.logprobs,
+            old_logp: &old_logp,
+            ref_logp: ref_logps.as_ref(),
+            advantages: &chunk.advantages,
+            mask: &chunk.mask,
+        },
+        loss_params,
+        micro_batch,
+    )?;
+    let ((chunk_loss, grads), backward_time) = meters.stopwatch.time(|| -> Result<_> {
+        Ok((loss.loss.to_scalar::<f32>()? as f64, loss.loss.backward()?))
+    })?;
+    meters.memory.sample();
+    let tokens = MicroBatchSize::of(&chunk.mask)?.tokens;
+    let entropy = match &policy_logps.entropy {
+        Some(e) => Some((grpo::masked_mean(e, &chunk.mask)?, tokens)),
+        None => None,
+    };
+    Ok(ChunkStep {
+        loss: chunk_loss,
+        metrics: (loss.metrics, tokens),
+        entropy,
+        grads,
+        policy_seconds: forward_time + backward_time,
+        reference_seconds,
+    })
+}
+
+/// Samples (one shard per worker), decodes and scores one micro-batch; times its generation
+/// and rewards.
+#[allow(clippy::too_many_arguments)]
 fn rollout(
     sampler: &Qwen2,
+    workers: &Workers,
     prompter: &Prompter,
     rewards: &RewardSet,
     examples: &[Example],
@@ -599,7 +683,7 @@ fn rollout(
         .map(|e| prompter.prompt_ids(&e.question))
         .collect::<Result<_>>()?;
     let (sampled, generation_time) =
-        stopwatch.time(|| sampling::generate(sampler, &prompts, spec))?;
+        stopwatch.time(|| sampling::generate_on(workers, sampler, &prompts, spec))?;
     times.generation = generation_time;
     let scoring_started = std::time::Instant::now();
     let rows: Vec<Vec<u32>> = sampled
@@ -833,6 +917,27 @@ mod tests {
                 Tensor::from_vec((0..16).map(|v| v as f32).collect(), (4, 4), &device).unwrap(),
             ),
             group_size: 2,
+        }
+    }
+
+    #[test]
+    fn workers_get_one_group_per_chunk_or_slices_of_a_lone_group() {
+        // (forward_batch_size, rows, group, workers) -> completions per chunk
+        for (args, size) in [
+            ((0, 128, 8, 1), 0), // one worker: all at once
+            ((4, 128, 8, 2), 4), // an explicit size is kept
+            ((0, 128, 8, 2), 8), // one group per chunk
+            ((0, 24, 8, 4), 8),  // fewer groups than workers, still whole groups
+            ((0, 16, 16, 2), 8), // one group: halves
+            ((0, 6, 6, 4), 2),   // one group: the smallest divisor covering it in 4
+            ((0, 5, 5, 2), 5),   // a prime group cannot be sliced evenly
+        ] {
+            let (forward_batch_size, rows, group, workers) = args;
+            assert_eq!(
+                chunk_size(forward_batch_size, rows, group, workers),
+                size,
+                "{args:?}"
+            );
         }
     }
 

@@ -281,6 +281,8 @@ fn out_of_range_values_name_field_value_and_what_is_allowed() {
         ),
         ("forward_batch_size=4", &[]),
         ("forward_batch_size=16", &[]),
+        ("cpu_workers=1025", &["cpu_workers", "1025", "up to 1024"]),
+        ("cpu_workers=1024", &[]),
         (
             "logging_steps=0",
             &["logging_steps", "0", "[1, 2147483647]"],

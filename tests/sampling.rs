@@ -1,13 +1,17 @@
 //! `sampling::generate` on the golden tiny model: greedy decoding with the KV cache against the
 //! argmax of full forwards, reproducible seeds, stopping at EOS with padding and truncation
-//! flags, and first-token frequencies against the model's softmax.
+//! flags, first-token frequencies against the model's softmax, and the same completions when
+//! the batch is sharded over workers.
 
 mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
 use grpo::model::{ModelFiles, Qwen2};
 use grpo::prompt::ChatTokenizer;
-use grpo::sampling::{generate, Completions, GenerationSpec, SamplingParams, TokenChooser};
+use grpo::sampling::{
+    generate, generate_on, Completions, GenerationSpec, SamplingParams, TokenChooser,
+};
+use grpo::workers::Workers;
 
 use common::golden_dir;
 
@@ -316,6 +320,31 @@ fn finished_rows_leave_the_batch_without_changing_the_others() {
         early > 0 && early < free.ids.len(),
         "some rows stop early, some go on"
     );
+}
+
+#[test]
+fn shards_on_several_workers_give_the_completions_of_one_batch() {
+    // Two workers split the three prompts 2 + 1 (whole groups); four or seven split the nine
+    // rows inside groups (each shard prefilling its prompts itself). Every row keeps its own
+    // seeded stream, some rows stop early, and the shards' widths differ: the result must be
+    // the single batch's, row for row, padding included.
+    let model = model();
+    let prompts = prompts();
+    for params in [sampled(1.0), SamplingParams::greedy()] {
+        let base = spec(params, 3, 8);
+        let free = generate(&model, &prompts, &base).unwrap();
+        let stopping = GenerationSpec {
+            eos_ids: vec![free.ids[1][2], free.ids[7][0]],
+            ..base
+        };
+        let whole = generate(&model, &prompts, &stopping).unwrap();
+        assert!(whole.lengths.iter().any(|&n| n < 8), "{:?}", whole.lengths);
+        for threads in [2, 4, 7] {
+            let workers = Workers::with_threads(threads).unwrap();
+            let sharded = generate_on(&workers, &model, &prompts, &stopping).unwrap();
+            assert_eq!(sharded, whole, "{threads} workers, {params:?}");
+        }
+    }
 }
 
 #[test]

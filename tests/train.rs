@@ -381,17 +381,19 @@ fn max_relative_update_diff(
     diff / scale
 }
 
-/// `forward_batch_size` changes how completions are fed to the forward/backward, not the loss,
-/// the gradients or the metrics: slices of a group (1), one group (2) and two groups (4) of a
-/// micro-batch of 3 prompts x 2 completions train like one pass over all 6, for each loss
-/// type. `num_iterations = 2` makes step 2 retrain on step 1's completions (so both runs see
+/// `forward_batch_size` and `cpu_workers` change how completions are fed to the
+/// forward/backward, not the loss, the gradients or the metrics: slices of a group (1), one
+/// group (2) and two groups (4) of a micro-batch of 3 prompts x 2 completions, and those chunks
+/// (or, with `forward_batch_size = 0`, one group per chunk) shared by 2 or 3 worker threads
+/// that also sample the completions in shards, train like one pass over all 6 on one worker,
+/// for each loss type. `num_iterations = 2` makes step 2 retrain on step 1's completions (so both runs see
 /// the same completions) with off-policy ratios. A large `adam_epsilon` makes AdamW's update
 /// nearly linear in the gradient (`lr * g / (|g| + eps)`), so comparing updates compares
 /// gradients instead of AdamW's amplified signs of gradients that are 0 up to rounding.
 #[test]
-fn forward_batch_size_changes_neither_loss_nor_gradients() {
+fn forward_batch_size_and_cpu_workers_change_neither_loss_nor_gradients() {
     for loss_type in ["grpo", "bnpo", "dr_grpo", "dapo"] {
-        let run = |forward_batch_size: usize| {
+        let run = |forward_batch_size: usize, cpu_workers: usize| {
             let dir = tempfile::tempdir().unwrap();
             let cfg = config(
                 dir.path(),
@@ -405,6 +407,7 @@ fn forward_batch_size_changes_neither_loss_nor_gradients() {
                     "adam_epsilon=1.0",
                     &format!("loss_type={loss_type}"),
                     &format!("forward_batch_size={forward_batch_size}"),
+                    &format!("cpu_workers={cpu_workers}"),
                 ],
             );
             grpo::train::train(&cfg).unwrap();
@@ -412,10 +415,10 @@ fn forward_batch_size_changes_neither_loss_nor_gradients() {
             (metrics(&out), weights(&out.join("model.safetensors")))
         };
         let initial = weights(&golden_dir().join("model.safetensors"));
-        let (whole_metrics, whole_weights) = run(0);
-        for size in [1, 2, 4] {
-            let what = format!("{loss_type}, forward_batch_size = {size}");
-            let (chunked_metrics, chunked_weights) = run(size);
+        let (whole_metrics, whole_weights) = run(0, 1);
+        for (size, workers) in [(1, 1), (2, 1), (4, 1), (0, 2), (1, 3)] {
+            let what = format!("{loss_type}, forward_batch_size = {size}, cpu_workers = {workers}");
+            let (chunked_metrics, chunked_weights) = run(size, workers);
             for (whole, chunked) in whole_metrics.iter().zip(&chunked_metrics) {
                 for key in [
                     "loss",
