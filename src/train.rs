@@ -410,7 +410,11 @@ fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
                 examples: s
                     .examples
                     .into_iter()
-                    .map(|(question, answer)| Example { question, answer })
+                    .map(|(question, answer)| Example {
+                        question,
+                        answer,
+                        columns: None,
+                    })
                     .collect(),
                 completions: CompletionBatch {
                     ids: completion_ids.to_vec2()?,
