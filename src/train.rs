@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint;
 use crate::config::{Config, MAX_COUNT};
-use crate::data::{Dataset, DatasetSpec, Example};
+use crate::data::{Dataset, Example};
 use crate::device::Runtime;
 use crate::grpo::{
     self, Advantages, CompletionBatch, CompletionLengthMetrics, LossInputs, LossMetrics,
@@ -38,6 +38,7 @@ use crate::memory::{self, PeakMemory};
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
 use crate::prompt::{left_pad, ChatTokenizer, Prompter};
+use crate::rewards::external::TrainerProgress;
 use crate::rewards::{Completion, RewardSet};
 use crate::run::Run;
 use crate::sampling::{self, GenerationSpec, SamplingParams, StopTokens};
@@ -75,7 +76,7 @@ pub fn train(cfg: &Config) -> Result<()> {
             Qwen2::load_reference(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?,
         ),
     };
-    let dataset = Dataset::load(&DatasetSpec::from_config(cfg, &cfg.dataset_train_split))?;
+    let dataset = Dataset::from_config(cfg, &cfg.dataset_train_split)?;
     let rewards = RewardSet::from_config(cfg)?;
     let total_steps = total_optimizer_steps(cfg, dataset.len())?;
     let schedule = LrSchedule::from_config(cfg, total_steps);
@@ -121,6 +122,14 @@ pub fn train(cfg: &Config) -> Result<()> {
             // Sampling needs no graph: a frozen copy in the compute dtype, cast once per step.
             let sampler = policy.inference_copy()?;
             let mut generated_tokens = 0;
+            let scoring = Scoring {
+                rewards: &rewards,
+                progress: TrainerProgress {
+                    global_step: step,
+                    max_steps: total_steps as u64,
+                    epoch: run.state.epoch,
+                },
+            };
             rollouts = (0..cfg.gradient_accumulation_steps)
                 .map(|micro| {
                     let examples = dataset.next_batch(
@@ -139,7 +148,7 @@ pub fn train(cfg: &Config) -> Result<()> {
                     let (rollout, rollout_times) = rollout(
                         &sampler,
                         &prompter,
-                        &rewards,
+                        &scoring,
                         &examples,
                         &spec,
                         cfg,
@@ -586,11 +595,17 @@ fn micro_step(
     })
 }
 
+/// The reward functions, and where training stands when they are called.
+struct Scoring<'a> {
+    rewards: &'a RewardSet,
+    progress: TrainerProgress,
+}
+
 /// Samples, decodes and scores one micro-batch; times its generation and rewards.
 fn rollout(
     sampler: &Qwen2,
     prompter: &Prompter,
-    rewards: &RewardSet,
+    scoring: &Scoring,
     examples: &[Example],
     spec: &GenerationSpec,
     cfg: &Config,
@@ -623,20 +638,27 @@ fn rollout(
         .iter()
         .map(|ids| tokenizer.decode(ids, true))
         .collect::<Result<_>>()?;
-    let rewards_per_func: Vec<Vec<f64>> = texts
+    let messages: Vec<_> = examples
         .iter()
-        .zip(&completions.lengths)
-        .enumerate()
-        .map(|(row, (text, &len))| {
-            let example = &examples[row / spec.group_size];
-            rewards.score(&Completion {
+        .map(|e| prompter.messages(&e.question))
+        .collect();
+    let scored: Vec<Completion> = (0..rows.len())
+        .map(|row| {
+            let prompt = row / spec.group_size;
+            let example = &examples[prompt];
+            Completion {
                 prompt: &example.question,
-                text,
+                text: &texts[row],
                 answer: &example.answer,
-                num_tokens: Some(len),
-            })
+                num_tokens: Some(completions.lengths[row]),
+                messages: &messages[prompt],
+                ids: &rows[row],
+                columns: example.columns.as_deref(),
+            }
         })
         .collect();
+    let rewards = scoring.rewards;
+    let rewards_per_func = rewards.score(&scored, Some(&scoring.progress))?;
     let weighted = grpo::weighted_rewards(&rewards_per_func, rewards.weights())?;
     let advantages = grpo::group_advantages(&weighted, spec.group_size, cfg.scale_rewards)?;
     times.rewards = scoring_started.elapsed().as_secs_f64();
