@@ -752,3 +752,75 @@ def exact(prompts, completions, answer, level, **kwargs):
         ]
     );
 }
+
+#[test]
+fn grpo_eval_averages_an_external_reward_over_the_completions_it_rewarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Ten questions: one batch of 8 and one of 2.
+    let (questions, answers): (Vec<String>, Vec<String>) = (0..10)
+        .map(|i| (format!("{i}+{i}等于几？"), format!("{}", 2 * i)))
+        .unzip();
+    common::write_qa_parquet(&data.join("test.parquet"), &questions, &answers);
+    let module = write(
+        dir.path(),
+        "eval_reward.py",
+        r#"
+def even_lengths(completions, completion_ids, **columns):
+    questions = columns["question_zh-cn"]
+    return [None if int(q.split("+")[0]) % 2 else float(len(ids))
+            for q, ids in zip(questions, completion_ids)]
+"#,
+    );
+    let name = adapter(&module, "even_lengths");
+    let out = dir.path().join("out");
+    let output = grpo()
+        .arg("eval")
+        .args([
+            "--set",
+            &format!("model_name_or_path={}", common::golden_dir().display()),
+        ])
+        .args(["--set", &format!("dataset_name={}", data.display())])
+        .args(["--set", &format!("output_dir={}", out.display())])
+        .args(["--set", "max_completion_length=6"])
+        .args([
+            "--set",
+            &format!("reward_funcs=[\"correctness\", {name:?}]"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let samples: Vec<Value> = std::fs::read_to_string(out.join("eval/test-base.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 10);
+    let mut even = Vec::new();
+    for sample in &samples {
+        let question = sample["question"].as_str().unwrap();
+        let i: usize = question.split('+').next().unwrap().parse().unwrap();
+        let value = &sample["rewards"][&name];
+        if i % 2 == 1 {
+            assert!(value.is_null(), "no reward for {question}: {sample}");
+            assert_eq!(
+                sample["reward"], sample["rewards"]["correctness"],
+                "{sample}"
+            );
+        } else {
+            assert_eq!(value.as_f64(), sample["length"].as_f64(), "{sample}");
+            even.push(value.as_f64().unwrap());
+        }
+    }
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval/test-base.json")).unwrap())
+            .unwrap();
+    let mean = even.iter().sum::<f64>() / even.len() as f64;
+    let reported = report["rewards"][&name].as_f64().unwrap();
+    assert!((reported - mean).abs() < 1e-9, "{reported} vs {mean}");
+}
