@@ -13,7 +13,8 @@
 //! 5. clip by global norm, AdamW at the scheduled learning rate (skipped, weights untouched, when
 //!    the loss or a gradient is not finite);
 //! 6. log (with the step's peak memory), save checkpoints on schedule, stop cleanly on Ctrl-C
-//!    with a checkpoint.
+//!    with a checkpoint. A rollout that fails (a failed external reward, say) stops the run
+//!    after saving the steps done since the last checkpoint.
 //!
 //! Every random choice derives from (seed, step, micro-step, row), so a resumed run continues
 //! bit for bit as if it had never stopped.
@@ -121,6 +122,7 @@ pub fn train(cfg: &Config) -> Result<()> {
         if step % cfg.num_iterations as u64 == 0 || rollouts.is_empty() {
             // Sampling needs no graph: a frozen copy in the compute dtype, cast once per step.
             let sampler = policy.inference_copy()?;
+            let data_before = run.state.data;
             let mut generated_tokens = 0;
             let scoring = Scoring {
                 rewards: &rewards,
@@ -159,7 +161,12 @@ pub fn train(cfg: &Config) -> Result<()> {
                     generated_tokens += rollout.completions.lengths.iter().sum::<usize>();
                     Ok(rollout)
                 })
-                .collect::<Result<_>>()?;
+                .collect::<Result<_>>()
+                .map_err(|error| {
+                    // E.g. a failed external reward: keep the steps done.
+                    run.state.data = data_before;
+                    run.stop_with(&policy, &optimizer, error)
+                })?;
             times.set_generated_tokens(generated_tokens);
             meters.memory.sample();
         }

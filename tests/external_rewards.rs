@@ -824,3 +824,104 @@ def even_lengths(completions, completion_ids, **columns):
     let reported = report["rewards"][&name].as_f64().unwrap();
     assert!((reported - mean).abs() < 1e-9, "{reported} vs {mean}");
 }
+
+/// metrics.jsonl of `out` without what measures the machine (time, memory).
+fn computed_metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut line: Value = serde_json::from_str(line).unwrap();
+            line.as_object_mut().unwrap().retain(|key, _| {
+                !(key == "step_time"
+                    || key == "memory/peak_gib"
+                    || key.starts_with("timing/")
+                    || key == "generation/tokens_per_second")
+            });
+            line
+        })
+        .collect()
+}
+
+#[test]
+fn a_reward_failure_in_training_keeps_the_steps_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.parquet");
+    common::write_qa_parquet(
+        &data,
+        &[
+            "What is 6 + 7?",
+            "一支笔2元，买4支要多少元？",
+            "20个糖分给4个人，每人几个？",
+        ],
+        &["13", "8", "5"],
+    );
+    let train = |out: &Path, reward: &str, extra: &[&str]| {
+        let mut command = grpo();
+        command
+            .arg("train")
+            .args([
+                "--set",
+                &format!("model_name_or_path={}", common::golden_dir().display()),
+            ])
+            .args(["--set", &format!("dataset_name={}", data.display())])
+            .args(["--set", &format!("output_dir={}", out.display())])
+            .args(["--set", "per_device_train_batch_size=1"])
+            .args(["--set", "num_generations=2"])
+            .args(["--set", "max_completion_length=4"])
+            .args(["--set", "max_steps=3"])
+            .args(["--set", "logging_steps=1"])
+            .args(["--set", "learning_rate=0.01"])
+            .args(["--set", "report_to=none"])
+            .args(["--set", "reward_retries=0"])
+            .args(["--set", &format!("reward_funcs=[{reward:?}]")]);
+        for set in extra {
+            command.args(["--set", set]);
+        }
+        command.output().unwrap()
+    };
+    let good = "cmd:while read -r r; do echo '[0.5, 1]'; done";
+    let uninterrupted = dir.path().join("uninterrupted");
+    assert!(train(&uninterrupted, good, &[]).status.success());
+
+    // Answers the first batch, then one value too few.
+    let out = dir.path().join("out");
+    let output = train(
+        &out,
+        "cmd:n=0; while read -r r; do n=$((n+1)); \
+         if [ $n -eq 1 ]; then echo '[0.5, 1]'; else echo '[1]'; fi; done",
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "stopped after step 1, saved in",
+        "checkpoint-1",
+        "step 2: sampling the rollout",
+        "returned 1 values for 2 completions",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    assert!(out.join("checkpoint-1/trainer_state.json").is_file());
+
+    // Resumed with a working reward, the run goes on as if it had never stopped (the
+    // checkpoint holds the data position from before the failed step).
+    let output = train(&out, good, &["resume_from_checkpoint=true"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // (Step 1's per-reward keys name the failing command.)
+    let without_reward_names = |mut lines: Vec<Value>| {
+        for line in &mut lines {
+            let fields = line.as_object_mut().unwrap();
+            fields.retain(|key, _| !key.starts_with("rewards/"));
+        }
+        lines
+    };
+    assert_eq!(
+        without_reward_names(computed_metrics(&out)),
+        without_reward_names(computed_metrics(&uninterrupted))
+    );
+}
