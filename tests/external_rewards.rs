@@ -925,3 +925,45 @@ fn a_reward_failure_in_training_keeps_the_steps_done() {
         without_reward_names(computed_metrics(&uninterrupted))
     );
 }
+
+#[test]
+fn grpo_score_posts_to_a_loopback_http_reward_past_any_proxy() {
+    let server = serve(|_, body| (200, id_counts(body), Duration::ZERO));
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(
+        dir.path(),
+        "input.jsonl",
+        concat!(
+            r#"{"completion": "a", "answer": "1", "completion_ids": [1, 2]}"#,
+            "\n",
+            r#"{"completion": "b", "answer": "2", "completion_ids": [3]}"#,
+            "\n",
+        ),
+    );
+    // A proxy that does not exist: loopback endpoints must not go through it.
+    let output = grpo()
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("ALL_PROXY", "http://127.0.0.1:9")
+        .args(["score", "--input"])
+        .arg(&input)
+        .args(["--set", &format!("reward_funcs=[{:?}]", server.url)])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines[0]["reward"], json!(2.0));
+    assert_eq!(lines[1]["reward"], json!(1.0));
+    let bodies = server.bodies.lock().unwrap();
+    assert_eq!(bodies.len(), 1, "both lines in one request");
+    let request: Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(request["answer"], json!(["1", "2"]));
+    assert_eq!(request["prompts"], json!([[], []]));
+}
