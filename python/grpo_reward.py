@@ -2,8 +2,8 @@
 
     reward_funcs = ["correctness", "cmd:python3 -m grpo_reward my_rewards:my_func"]
 
-runs `my_func(prompts, completions, completion_ids, **columns)` from `my_rewards.py` unchanged,
-once per batch, as TRL's GRPOTrainer calls it. `python3 -m grpo_reward` needs this file on the
+runs `my_func(prompts, completions, completion_ids, **columns)` from `my_rewards.py` unchanged
+(an `async def` one too), once per batch, as TRL's GRPOTrainer calls it. `python3 -m grpo_reward` needs this file on the
 Python path (`PYTHONPATH=/path/to/grpo/python`, or a copy beside your code); running the file
 itself works too: `cmd:python3 /path/to/grpo/python/grpo_reward.py my_rewards:my_func`.
 MODULE:FUNCTION names a module importable from the current folder (or PYTHONPATH) or a `.py`
@@ -21,8 +21,10 @@ corrupt the replies. The adapter exits when its standard input ends.
 ignored (grpo does not log what they are given).
 """
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -88,6 +90,8 @@ def score(function, request):
         log_metric=ignore,
         **columns,
     )
+    if inspect.isawaitable(rewards):  # an `async def` reward function, as TRL allows
+        rewards = asyncio.run(rewards)
     return [as_reply_value(value) for value in rewards]
 
 

@@ -120,6 +120,9 @@ def checked(prompts, completions, completion_ids, trainer_state, log_extra, log_
         rewards.append(float(correct) + 10 * len(ids) + 100 * lv + 1000 * step)
     return rewards
 
+async def async_lengths(completions, **kwargs):
+    return [len(c[0]["content"]) for c in completions]
+
 def pid(completions, **kwargs):
     return [os.getpid()] * len(completions)
 
@@ -161,6 +164,18 @@ fn python_adapter_serves_a_trl_reward_function_unchanged() {
     assert_eq!(scores[0][1], 131.0);
     // The total leaves out the missing reward: correctness only.
     assert_eq!(rewards.total(&scores[1]), 0.0);
+
+    let rewards = set(
+        &[&adapter(&module, "async_lengths")],
+        Duration::from_secs(30),
+        0,
+    );
+    let scores = rewards.score(&completions, None).unwrap();
+    assert_eq!(
+        scores,
+        [[19.0], [2.0], [18.0]],
+        "async def functions are awaited"
+    );
 }
 
 #[test]
