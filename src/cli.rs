@@ -361,7 +361,8 @@ fn score(args: ScoreArgs) -> Result<()> {
     let rewards = RewardSet::from_config(&config)?;
     let input = open_input(&args.input)?;
     let mut output = BufWriter::new(io::stdout().lock());
-    score_jsonl(input, &mut output, &rewards)
+    let system_prompt = Some(config.system_prompt.as_str()).filter(|s| !s.is_empty());
+    score_jsonl(input, &mut output, &rewards, system_prompt)
         .with_context(|| format!("scoring {}", args.input.display()))?;
     output.flush().context("writing scores to stdout")
 }

@@ -54,6 +54,16 @@ pub const MAX_COUNT: usize = i32::MAX as usize;
 /// typo does not start millions of threads.
 pub const MAX_CPU_WORKERS: usize = 1024;
 
+/// What an external entry of `reward_funcs` looks like, for errors.
+const EXTERNAL_REWARDS: &str = "(\"cmd:COMMAND\" with a command line, or an http:// or https:// \
+                                URL with a host, like \"http://127.0.0.1:8000/reward\")";
+
+/// The longest `reward_timeout`: a day, in seconds.
+pub const MAX_REWARD_TIMEOUT: f64 = 86_400.0;
+
+/// The most `reward_retries`.
+pub const MAX_REWARD_RETRIES: usize = 100;
+
 /// The reporting integrations this build knows (`report_to`).
 pub const REPORT_TO_VALUES: &[&str] = &["none", "all", "tensorboard"];
 
@@ -77,6 +87,11 @@ pub struct Config {
     pub dataset_solution_column: String,
     pub system_prompt: String,
     pub reward_funcs: Vec<String>,
+    /// Ours: seconds an external reward (`cmd:` or `http(s)://`) may take to answer one batch.
+    pub reward_timeout: f64,
+    /// Ours: how many times a failed external reward call that may pass (a timeout, a crashed
+    /// command, a refused connection, HTTP 408/429/5xx) is tried again.
+    pub reward_retries: usize,
     pub device: DeviceChoice,
 
     // Optimisation (TrainingArguments).
@@ -154,6 +169,8 @@ impl Default for Config {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            reward_timeout: 300.0,
+            reward_retries: 2,
             device: DeviceChoice::Auto,
 
             learning_rate: 1e-6,
@@ -539,18 +556,28 @@ impl Config {
             !self.reward_funcs.is_empty(),
             "reward_funcs",
             Quoted(&self.reward_funcs),
-            &format!("a non-empty list drawn from {}", one_of(rewards::AVAILABLE)),
+            &format!(
+                "a non-empty list drawn from {}, or external rewards {EXTERNAL_REWARDS}",
+                one_of(rewards::AVAILABLE)
+            ),
         );
         for (i, name) in self.reward_funcs.iter().enumerate() {
+            let external = rewards::external::is_external(name);
             check.that(
-                rewards::AVAILABLE.contains(&name.as_str()),
+                match external {
+                    true => rewards::external::check_name(name).is_ok(),
+                    false => rewards::AVAILABLE.contains(&name.as_str()),
+                },
                 "reward_funcs",
                 Quoted(name),
-                &format!(
-                    "{}{}",
-                    one_of(rewards::AVAILABLE),
-                    did_you_mean(name, rewards::AVAILABLE)
-                ),
+                &match external {
+                    true => format!("an external reward {EXTERNAL_REWARDS}"),
+                    false => format!(
+                        "{}{}, or an external reward {EXTERNAL_REWARDS}",
+                        one_of(rewards::AVAILABLE),
+                        did_you_mean(name, rewards::AVAILABLE)
+                    ),
+                },
             );
             check.that(
                 !self.reward_funcs[..i].contains(name),
@@ -559,6 +586,18 @@ impl Config {
                 "each reward once (listed twice; use reward_weights to weight it)",
             );
         }
+        check.that(
+            self.reward_timeout > 0.0 && self.reward_timeout <= MAX_REWARD_TIMEOUT,
+            "reward_timeout",
+            self.reward_timeout,
+            &format!("a number of seconds in (0, {MAX_REWARD_TIMEOUT}]"),
+        );
+        check.that(
+            self.reward_retries <= MAX_REWARD_RETRIES,
+            "reward_retries",
+            self.reward_retries,
+            &format!("an integer in [0, {MAX_REWARD_RETRIES}]"),
+        );
         if let Some(weights) = &self.reward_weights {
             check.that(
                 weights.len() == self.reward_funcs.len(),

@@ -1,5 +1,5 @@
 //! `grpo eval`: a model or checkpoint answers every question of a dataset split, greedily (or K
-//! sampled times for pass@K and maj@K), and is scored with the rule rewards.
+//! sampled times for pass@K and maj@K), and is scored with the configured rewards.
 //!
 //! Accuracy is the mean of `correctness` (computed even when it is not a configured reward);
 //! the format rate is the fraction of completions with the full `hard_format` reward. The
@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
-use crate::data::{Dataset, DatasetSpec};
+use crate::data::Dataset;
 use crate::device::Runtime;
 use crate::progress::Progress;
 use crate::rewards::{extract_answer, Completion, RewardParams, RewardSet};
@@ -63,9 +63,10 @@ pub struct EvalReport {
     pub pass_at_k: Option<f64>,
     /// With K > 1 samples: fraction of questions whose most frequent extracted answer is correct.
     pub maj_at_k: Option<f64>,
-    /// Mean of each configured reward function over all completions.
+    /// Mean of each configured reward function over the completions it rewarded (all, but for
+    /// an external reward's nulls; null when it rewarded none).
     pub rewards: Map<String, Value>,
-    /// Mean of the weighted total reward.
+    /// Mean of the weighted total reward, over the completions some function rewarded.
     pub reward: f64,
     /// Mean completion length in tokens (EOS included).
     pub mean_completion_length: f64,
@@ -139,7 +140,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
         .split
         .clone()
         .unwrap_or_else(|| config.dataset_test_split.clone());
-    let dataset = Dataset::load(&DatasetSpec::from_config(config, &split))?;
+    let dataset = Dataset::from_config(config, &split)?;
     let examples = &dataset.examples()[..options
         .limit
         .map_or(dataset.len(), |n| n.min(dataset.len()))];
@@ -147,9 +148,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
     let checks = RewardSet::new(
         &["correctness".to_string(), "hard_format".to_string()],
         None,
-        RewardParams {
-            max_completion_length: config.max_completion_length,
-        },
+        RewardParams::from_config(config),
     )?;
     let generator = Generator::load(
         &model,
@@ -193,21 +192,26 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
         let completions = generator
             .complete(&questions, k, params, seed)
             .with_context(|| format!("generating for rows {first}..{}", first + batch.len()))?;
+        let messages: Vec<_> = batch
+            .iter()
+            .map(|example| generator.messages(&example.question))
+            .collect();
+        let scored: Vec<Completion> = completions
+            .iter()
+            .enumerate()
+            .map(|(row, generated)| generated.to_score(&batch[row / k], &messages[row / k]))
+            .collect();
+        let scores = rewards.score(&scored, None)?;
+        let checked = checks.score(&scored, None)?;
+        let mut rows = scores.iter().zip(&checked);
         for (example, group) in batch.iter().zip(completions.chunks(k)) {
             let mut answers = Vec::with_capacity(k);
             for (sample, generated) in group.iter().enumerate() {
-                let completion = Completion {
-                    prompt: &example.question,
-                    text: &generated.text,
-                    answer: &example.answer,
-                    num_tokens: Some(generated.length),
-                };
-                let scores = rewards.score(&completion);
-                let checked = checks.score(&completion);
+                let (scores, checked) = rows.next().context("one score per completion")?;
                 let correct = checked[0] > 0.0;
                 totals.add_completion(
-                    &scores,
-                    rewards.total(&scores),
+                    scores,
+                    rewards.total(scores),
                     correct,
                     checked[1] >= HARD_FORMAT_MAX,
                     generated,
@@ -216,7 +220,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
                 let named: Map<String, Value> = rewards
                     .names()
                     .iter()
-                    .zip(&scores)
+                    .zip(scores)
                     .map(|(name, value)| (name.clone(), json!(value)))
                     .collect();
                 let line = json!({
@@ -225,7 +229,7 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
                     "sample": sample,
                     "completion": generated.text,
                     "rewards": named,
-                    "reward": rewards.total(&scores),
+                    "reward": rewards.total(scores),
                     "correct": correct,
                     "length": generated.length,
                     "truncated": generated.truncated,
@@ -284,8 +288,10 @@ fn checkpoint_step(dir: &Path) -> String {
 struct Totals {
     completions: usize,
     questions: usize,
-    rewards: Vec<f64>,
-    reward: f64,
+    /// Per reward function, and for the weighted total: the sum and count of the rewarded
+    /// completions (an external reward's null is no reward, left out as in training).
+    rewards: Vec<MeanOf>,
+    reward: MeanOf,
     correct: usize,
     formatted: usize,
     tokens: usize,
@@ -310,8 +316,8 @@ impl Totals {
         Self {
             completions: 0,
             questions: 0,
-            rewards: vec![0.0; num_rewards],
-            reward: 0.0,
+            rewards: vec![MeanOf::default(); num_rewards],
+            reward: MeanOf::default(),
             correct: 0,
             formatted: 0,
             tokens: 0,
@@ -330,10 +336,10 @@ impl Totals {
         generated: &GeneratedText,
     ) {
         self.completions += 1;
-        for (sum, score) in self.rewards.iter_mut().zip(scores) {
-            *sum += score;
+        for (mean, &score) in self.rewards.iter_mut().zip(scores) {
+            mean.add(score);
         }
-        self.reward += total;
+        self.reward.add(total);
         self.correct += usize::from(correct);
         self.formatted += usize::from(formatted);
         self.tokens += generated.length;
@@ -367,14 +373,35 @@ impl Totals {
                 .names()
                 .iter()
                 .zip(&self.rewards)
-                .map(|(name, &sum)| (name.clone(), json!(per_completion(sum))))
+                .map(|(name, mean)| (name.clone(), json!(mean.value())))
                 .collect(),
-            reward: per_completion(self.reward),
+            reward: self.reward.value(),
             mean_completion_length: per_completion(self.tokens as f64),
             truncated_rate: per_completion(self.truncated as f64),
             report_path: header.report_path,
             samples_path: header.samples_path,
         }
+    }
+}
+
+/// A running mean of the values that are not NaN.
+#[derive(Debug, Clone, Copy, Default)]
+struct MeanOf {
+    sum: f64,
+    count: usize,
+}
+
+impl MeanOf {
+    fn add(&mut self, value: f64) {
+        if !value.is_nan() {
+            self.sum += value;
+            self.count += 1;
+        }
+    }
+
+    /// The mean; NaN (written as null) when nothing was added.
+    fn value(&self) -> f64 {
+        self.sum / self.count as f64
     }
 }
 

@@ -167,7 +167,10 @@ impl CompletionBatch {
 
 /// Each completion's reward: `sum_k w_k r_k` over the reward functions, in f32 as TRL computes it.
 ///
-/// `rewards_per_func` is `[B][K]` (one row per completion, one column per reward function).
+/// `rewards_per_func` is `[B][K]` (one row per completion, one column per reward function). A NaN
+/// reward means "no reward" (a reward function's `None` in TRL) and is left out of the sum
+/// (TRL's `nansum`); a completion no function rewarded gets NaN, which [`group_advantages`]
+/// leaves out of its group's statistics. An infinite reward is an error.
 pub fn weighted_rewards(rewards_per_func: &[Vec<f64>], weights: &[f64]) -> Result<Vec<f32>> {
     rewards_per_func
         .iter()
@@ -181,14 +184,19 @@ pub fn weighted_rewards(rewards_per_func: &[Vec<f64>], weights: &[f64]) -> Resul
                 weights.len()
             );
             let mut total = 0.0f32;
+            let mut rewarded = false;
             for (k, (&reward, &weight)) in rewards.iter().zip(weights).enumerate() {
                 ensure!(
-                    reward.is_finite(),
-                    "reward function {k} returned {reward} for completion {row}: rewards must be finite"
+                    !reward.is_infinite(),
+                    "reward function {k} returned {reward} for completion {row}: rewards must be \
+                     finite (or NaN for no reward)"
                 );
-                total += reward as f32 * weight as f32;
+                if !reward.is_nan() {
+                    total += reward as f32 * weight as f32;
+                    rewarded = true;
+                }
             }
-            Ok(total)
+            Ok(if rewarded { total } else { f32::NAN })
         })
         .collect()
 }
@@ -196,21 +204,24 @@ pub fn weighted_rewards(rewards_per_func: &[Vec<f64>], weights: &[f64]) -> Resul
 /// Group-normalised advantages of one batch (rows = `prompt * G + g`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Advantages {
-    /// The rewards the advantages were computed from.
+    /// The rewards the advantages were computed from (NaN: no function rewarded the completion).
     pub rewards: Vec<f32>,
-    /// Mean reward of each row's group.
+    /// Mean reward of each row's group, over its rewarded completions (NaN when there are none).
     pub group_mean: Vec<f32>,
     /// Unbiased std per row: the group's for [`ScaleRewards::Group`] and [`ScaleRewards::None`]
-    /// (where it is only logged), the whole batch's for [`ScaleRewards::Batch`]. A group of one
-    /// (or a batch of one) has no defined std; it is taken as 0, as TRL does.
+    /// (where it is only logged), the whole batch's for [`ScaleRewards::Batch`], over rewarded
+    /// completions only. A group of one (or a batch of one) has no defined std; it is taken as 0,
+    /// as TRL does; a larger group with fewer than two rewarded completions gets NaN (TRL's
+    /// `nanstd`).
     pub std: Vec<f32>,
-    /// `(r - group_mean) / (std + 1e-4)`, or `r - group_mean` for [`ScaleRewards::None`].
+    /// `(r - group_mean) / (std + 1e-4)`, or `r - group_mean` for [`ScaleRewards::None`]; 0 where
+    /// that is NaN (an unrewarded completion, or a group with a single rewarded one).
     pub advantages: Vec<f32>,
 }
 
 impl Advantages {
     /// Fraction of rows whose std is zero (TRL's `frac_reward_zero_std`): groups that carry no
-    /// learning signal.
+    /// learning signal. A NaN std is not zero.
     pub fn frac_reward_zero_std(&self) -> f64 {
         if self.std.is_empty() {
             return 0.0;
@@ -221,7 +232,9 @@ impl Advantages {
     }
 }
 
-/// Computes advantages over consecutive groups of `num_generations` rewards.
+/// Computes advantages over consecutive groups of `num_generations` rewards, leaving NaN rewards
+/// (no reward) out of the statistics as TRL 1.16 does (`nanmean`, `nanstd`, then NaN
+/// advantages set to 0).
 ///
 /// Means and stds are accumulated in f64 and rounded to f32 (torch's f32 reductions are exact to
 /// the last bit on groups this small); the subtraction and division then run in f32 as in torch.
@@ -237,19 +250,21 @@ pub fn group_advantages(
          every completion of each prompt",
         rewards.len()
     );
+    let stats = |values: &[f32]| {
+        let (mean, std) = nan_mean_and_std(values.iter().map(|&r| f64::from(r)));
+        // A single value has no spread to scale by: TRL takes 0 rather than nanstd's NaN.
+        (mean as f32, if values.len() > 1 { std as f32 } else { 0.0 })
+    };
     let mut group_mean = Vec::with_capacity(rewards.len());
     let mut group_std = Vec::with_capacity(rewards.len());
     for group in rewards.chunks(num_generations) {
-        let (mean, std) = mean_and_unbiased_std(group.iter().map(|&r| f64::from(r)));
-        group_mean.extend(std::iter::repeat_n(mean as f32, group.len()));
-        group_std.extend(std::iter::repeat_n(std as f32, group.len()));
+        let (mean, std) = stats(group);
+        group_mean.extend(std::iter::repeat_n(mean, group.len()));
+        group_std.extend(std::iter::repeat_n(std, group.len()));
     }
     let std = match scale {
         ScaleRewards::Group | ScaleRewards::None => group_std,
-        ScaleRewards::Batch => {
-            let (_, std) = mean_and_unbiased_std(rewards.iter().map(|&r| f64::from(r)));
-            vec![std as f32; rewards.len()]
-        }
+        ScaleRewards::Batch => vec![stats(rewards).1; rewards.len()],
     };
     let advantages = rewards
         .iter()
@@ -259,6 +274,7 @@ pub fn group_advantages(
             ScaleRewards::None => r - mean,
             ScaleRewards::Group | ScaleRewards::Batch => (r - mean) / (std + STD_EPSILON),
         })
+        .map(|advantage| if advantage.is_nan() { 0.0 } else { advantage })
         .collect();
     Ok(Advantages {
         rewards: rewards.to_vec(),
@@ -268,15 +284,18 @@ pub fn group_advantages(
     })
 }
 
-/// Mean and unbiased (Bessel-corrected) std, in f64; the std of fewer than two values is 0.
-fn mean_and_unbiased_std(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+/// Mean and unbiased (Bessel-corrected) std of the values that are not NaN, in f64, as TRL's
+/// `nanmean` and `nanstd`: the mean is NaN when every value is, the std when fewer than two
+/// are not.
+fn nan_mean_and_std(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let values = values.filter(|v| !v.is_nan());
     let n = values.clone().count();
     if n == 0 {
-        return (0.0, 0.0);
+        return (f64::NAN, f64::NAN);
     }
     let mean = values.clone().sum::<f64>() / n as f64;
     if n < 2 {
-        return (mean, 0.0);
+        return (mean, f64::NAN);
     }
     let squares: f64 = values.map(|v| (v - mean) * (v - mean)).sum();
     (mean, (squares / (n - 1) as f64).sqrt())
@@ -616,8 +635,10 @@ impl Serialize for PerFunctionRewards {
 }
 
 impl RewardMetrics {
-    /// Statistics of a batch from its raw rewards (`[B][K]`, columns named by `names`) and the
-    /// advantages computed from them. A std over fewer than two completions is 0.
+    /// Statistics of a batch from its raw rewards (`[B][K]`, columns named by `names`; NaN: no
+    /// reward) and the advantages computed from them, over the rewarded completions only (TRL's
+    /// `nanmean` and `nanstd`): a mean over none and a std over fewer than two are NaN (logged as
+    /// null).
     pub fn new(
         names: &[String],
         rewards_per_func: &[Vec<f64>],
@@ -635,7 +656,7 @@ impl RewardMetrics {
             );
         }
         let (reward, reward_std) =
-            mean_and_unbiased_std(advantages.rewards.iter().map(|&r| f64::from(r)));
+            nan_mean_and_std(advantages.rewards.iter().map(|&r| f64::from(r)));
         let per_function = names
             .iter()
             .enumerate()
@@ -644,7 +665,7 @@ impl RewardMetrics {
                 let column = rewards_per_func
                     .iter()
                     .map(|rewards| f64::from(rewards[k] as f32));
-                let (mean, std) = mean_and_unbiased_std(column);
+                let (mean, std) = nan_mean_and_std(column);
                 FunctionReward {
                     name: name.clone(),
                     mean,

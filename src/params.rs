@@ -4,13 +4,15 @@
 //! reaches them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 
 use crate::config::Config;
-use crate::data::DatasetSpec;
+use crate::data::{Dataset, DatasetSpec};
 use crate::optim::{warmup_steps, AdamWParams, LrSchedule};
 use crate::prompt::{ChatTokenizer, Prompter};
+use crate::rewards::external::{self, ExternalParams};
 use crate::rewards::{RewardParams, RewardSet};
 use crate::sampling::SamplingParams;
 
@@ -38,15 +40,26 @@ impl LrSchedule {
     }
 }
 
+impl RewardParams {
+    /// The config's `max_completion_length`, `reward_timeout` and `reward_retries`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_completion_length: config.max_completion_length,
+            external: ExternalParams {
+                timeout: Duration::from_secs_f64(config.reward_timeout),
+                retries: config.reward_retries,
+            },
+        }
+    }
+}
+
 impl RewardSet {
     /// The config's `reward_funcs` with their `reward_weights`.
     pub fn from_config(config: &Config) -> Result<Self> {
         Self::new(
             &config.reward_funcs,
             config.reward_weights.as_deref(),
-            RewardParams {
-                max_completion_length: config.max_completion_length,
-            },
+            RewardParams::from_config(config),
         )
     }
 }
@@ -77,6 +90,22 @@ impl DatasetSpec {
             prompt_column: config.dataset_prompt_column.clone(),
             answer_column: config.dataset_answer_column.clone(),
         }
+    }
+}
+
+impl Dataset {
+    /// The config's dataset at `split` ([`DatasetSpec::from_config`]), with every column of
+    /// every row when an external reward in `reward_funcs` will be sent them.
+    pub fn from_config(config: &Config, split: &str) -> Result<Self> {
+        let mut dataset = Self::load(&DatasetSpec::from_config(config, split))?;
+        if config
+            .reward_funcs
+            .iter()
+            .any(|name| external::is_external(name))
+        {
+            dataset.load_columns()?;
+        }
+        Ok(dataset)
     }
 }
 

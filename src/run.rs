@@ -1,6 +1,6 @@
 //! What `grpo train` and `grpo sft` share around their loops: starting fresh or from
-//! `resume_from_checkpoint`, the metrics log and `log_history`, saving on `save_steps` or on
-//! Ctrl-C, and writing the final model.
+//! `resume_from_checkpoint`, the metrics log and `log_history`, saving on `save_steps`, on
+//! Ctrl-C or before an error stops the loop, and writing the final model.
 
 use std::path::{Path, PathBuf};
 
@@ -112,6 +112,41 @@ impl Run {
             );
         }
         Ok(stopping)
+    }
+
+    /// `error` (which stopped the loop between two steps, with `state` as after the last
+    /// completed one), after saving a checkpoint of the steps done since the last one, so that
+    /// no work is lost; the error then names the checkpoint to resume from.
+    pub fn stop_with(
+        &self,
+        policy: &Qwen2,
+        optimizer: &AdamW,
+        error: anyhow::Error,
+    ) -> anyhow::Error {
+        let step = self.state.global_step;
+        let saved = self.save_steps > 0 && step % self.save_steps as u64 == 0;
+        if step == 0 || saved {
+            return error;
+        }
+        let dir = checkpoint::save_training(
+            &self.output_dir,
+            policy,
+            optimizer,
+            &self.state,
+            &self.model_files,
+            self.save_total_limit,
+            &|_| Ok(()),
+        );
+        match dir {
+            Ok(dir) => error.context(format!(
+                "stopped after step {step}, saved in {}: remove the cause and resume with \
+                 resume_from_checkpoint = true",
+                dir.display()
+            )),
+            Err(save_error) => error.context(format!(
+                "stopped after step {step}; saving a checkpoint failed too: {save_error:#}"
+            )),
+        }
     }
 
     /// Writes the trained model into `output_dir` as an HF folder.

@@ -12,11 +12,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 use crate::config::Config;
-use crate::data::{Dataset, DatasetSpec};
+use crate::data::{Dataset, Example};
 use crate::device::Runtime;
 use crate::grpo;
 use crate::model::{ModelFiles, Qwen2};
-use crate::prompt::{ChatTokenizer, Prompter};
+use crate::prompt::{ChatTokenizer, Message, Prompter};
 use crate::rewards::{Completion, RewardSet};
 use crate::sampling::{generate_on, GenerationSpec, SamplingParams, StopTokens};
 use crate::workers::Workers;
@@ -80,13 +80,15 @@ pub fn run(
     source: &PromptSource,
     num_generations: Option<usize>,
 ) -> Result<Vec<SampledCompletion>> {
-    let (question, answer) = match source {
-        PromptSource::Text { prompt, answer } => {
-            (prompt.clone(), answer.clone().unwrap_or_default())
-        }
+    let example = match source {
+        PromptSource::Text { prompt, answer } => Example {
+            question: prompt.clone(),
+            answer: answer.clone().unwrap_or_default(),
+            columns: None,
+        },
         PromptSource::TrainRow(index) => {
             let split = &config.dataset_train_split;
-            let dataset = Dataset::load(&DatasetSpec::from_config(config, split))?;
+            let dataset = Dataset::from_config(config, split)?;
             if *index >= dataset.len() {
                 bail!(
                     "--index {index} is out of range: split `{split}` of dataset `{}` has {} rows \
@@ -96,8 +98,7 @@ pub fn run(
                     dataset.len() - 1
                 );
             }
-            let example = dataset.get(*index);
-            (example.question.clone(), example.answer.clone())
+            dataset.get(*index).clone()
         }
     };
     let rewards = RewardSet::from_config(config)?;
@@ -114,23 +115,18 @@ pub fn run(
     };
     generator.ensure_fits(&[(flag, group_size)])?;
     let completions = generator.complete(
-        &[question.as_str()],
+        &[example.question.as_str()],
         group_size,
         SamplingParams::from_config(config),
         config.seed,
     )?;
 
-    let scores: Vec<Vec<f64>> = completions
+    let messages = generator.messages(&example.question);
+    let scored: Vec<Completion> = completions
         .iter()
-        .map(|generated| {
-            rewards.score(&Completion {
-                prompt: &question,
-                text: &generated.text,
-                answer: &answer,
-                num_tokens: Some(generated.length),
-            })
-        })
+        .map(|generated| generated.to_score(&example, &messages))
         .collect();
+    let scores = rewards.score(&scored, None)?;
     let weighted = grpo::weighted_rewards(&scores, rewards.weights())?;
     let advantages = grpo::group_advantages(&weighted, group_size, config.scale_rewards)?;
     let totals: Vec<f64> = weighted.iter().map(|&r| f64::from(r)).collect();
@@ -194,9 +190,26 @@ pub fn write_json(out: &mut impl Write, completions: &[SampledCompletion]) -> Re
 pub struct GeneratedText {
     /// Decoded without special tokens (as TRL's `batch_decode(skip_special_tokens=True)`).
     pub text: String,
+    /// The generated token ids, EOS included.
+    pub ids: Vec<u32>,
     /// Tokens generated, EOS included.
     pub length: usize,
     pub truncated: bool,
+}
+
+impl GeneratedText {
+    /// This completion of `example`'s question, asked as `messages`, for the rewards.
+    pub fn to_score<'a>(&'a self, example: &'a Example, messages: &'a [Message]) -> Completion<'a> {
+        Completion {
+            prompt: &example.question,
+            text: &self.text,
+            answer: &example.answer,
+            num_tokens: Some(self.length),
+            messages,
+            ids: &self.ids,
+            columns: example.columns.as_deref(),
+        }
+    }
 }
 
 /// A model with its tokenizer and the config's prompt and length settings, ready to complete
@@ -264,6 +277,11 @@ impl Generator {
         )
     }
 
+    /// The conversation the model is given for `question` (system prompt, then the question).
+    pub fn messages(&self, question: &str) -> Vec<Message> {
+        self.prompter.messages(question)
+    }
+
     /// `group_size` completions of each question, rows `q * group_size + g` for question `q`.
     pub fn complete(
         &self,
@@ -295,6 +313,7 @@ impl Generator {
             .map(|((ids, &length), &truncated)| {
                 Ok(GeneratedText {
                     text: tokenizer.decode(&ids[..length], true)?,
+                    ids: ids[..length].to_vec(),
                     length,
                     truncated,
                 })

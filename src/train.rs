@@ -13,7 +13,8 @@
 //! 5. clip by global norm, AdamW at the scheduled learning rate (skipped, weights untouched, when
 //!    the loss or a gradient is not finite);
 //! 6. log (with the step's peak memory), save checkpoints on schedule, stop cleanly on Ctrl-C
-//!    with a checkpoint.
+//!    with a checkpoint. A rollout that fails (a failed external reward, say) stops the run
+//!    after saving the steps done since the last checkpoint.
 //!
 //! Every random choice derives from (seed, step, micro-step, row), so a resumed run continues
 //! bit for bit as if it had never stopped.
@@ -29,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint;
 use crate::config::{Config, MAX_COUNT};
-use crate::data::{Dataset, DatasetSpec, Example};
+use crate::data::{Dataset, Example};
 use crate::device::Runtime;
 use crate::grpo::{
     self, Advantages, CompletionBatch, CompletionLengthMetrics, LossInputs, LossMetrics,
@@ -39,6 +40,7 @@ use crate::memory::{self, PeakMemory};
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
 use crate::prompt::{left_pad, ChatTokenizer, Prompter};
+use crate::rewards::external::TrainerProgress;
 use crate::rewards::{Completion, RewardSet};
 use crate::run::Run;
 use crate::sampling::{self, GenerationSpec, SamplingParams, StopTokens};
@@ -79,7 +81,7 @@ pub fn train(cfg: &Config) -> Result<()> {
             Qwen2::load_reference(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?,
         ),
     };
-    let dataset = Dataset::load(&DatasetSpec::from_config(cfg, &cfg.dataset_train_split))?;
+    let dataset = Dataset::from_config(cfg, &cfg.dataset_train_split)?;
     let rewards = RewardSet::from_config(cfg)?;
     let total_steps = total_optimizer_steps(cfg, dataset.len())?;
     let schedule = LrSchedule::from_config(cfg, total_steps);
@@ -126,7 +128,16 @@ pub fn train(cfg: &Config) -> Result<()> {
         if step % cfg.num_iterations as u64 == 0 || rollouts.is_empty() {
             // Sampling needs no graph: a frozen copy in the compute dtype, cast once per step.
             let sampler = policy.inference_copy()?;
+            let data_before = run.state.data;
             let mut generated_tokens = 0;
+            let scoring = Scoring {
+                rewards: &rewards,
+                progress: TrainerProgress {
+                    global_step: step,
+                    max_steps: total_steps as u64,
+                    epoch: run.state.epoch,
+                },
+            };
             rollouts = (0..cfg.gradient_accumulation_steps)
                 .map(|micro| {
                     let examples = dataset.next_batch(
@@ -146,7 +157,7 @@ pub fn train(cfg: &Config) -> Result<()> {
                         &sampler,
                         &workers,
                         &prompter,
-                        &rewards,
+                        &scoring,
                         &examples,
                         &spec,
                         cfg,
@@ -157,7 +168,12 @@ pub fn train(cfg: &Config) -> Result<()> {
                     generated_tokens += rollout.completions.lengths.iter().sum::<usize>();
                     Ok(rollout)
                 })
-                .collect::<Result<_>>()?;
+                .collect::<Result<_>>()
+                .map_err(|error| {
+                    // E.g. a failed external reward: keep the steps done.
+                    run.state.data = data_before;
+                    run.stop_with(&policy, &optimizer, error)
+                })?;
             times.set_generated_tokens(generated_tokens);
             meters.memory.sample();
         }
@@ -418,7 +434,11 @@ fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
                 examples: s
                     .examples
                     .into_iter()
-                    .map(|(question, answer)| Example { question, answer })
+                    .map(|(question, answer)| Example {
+                        question,
+                        answer,
+                        columns: None,
+                    })
                     .collect(),
                 completions: CompletionBatch {
                     ids: completion_ids.to_vec2()?,
@@ -663,6 +683,12 @@ fn chunk_step(
     })
 }
 
+/// The reward functions, and where training stands when they are called.
+struct Scoring<'a> {
+    rewards: &'a RewardSet,
+    progress: TrainerProgress,
+}
+
 /// Samples (one shard per worker), decodes and scores one micro-batch; times its generation
 /// and rewards.
 #[allow(clippy::too_many_arguments)]
@@ -670,7 +696,7 @@ fn rollout(
     sampler: &Qwen2,
     workers: &Workers,
     prompter: &Prompter,
-    rewards: &RewardSet,
+    scoring: &Scoring,
     examples: &[Example],
     spec: &GenerationSpec,
     cfg: &Config,
@@ -703,20 +729,27 @@ fn rollout(
         .iter()
         .map(|ids| tokenizer.decode(ids, true))
         .collect::<Result<_>>()?;
-    let rewards_per_func: Vec<Vec<f64>> = texts
+    let messages: Vec<_> = examples
         .iter()
-        .zip(&completions.lengths)
-        .enumerate()
-        .map(|(row, (text, &len))| {
-            let example = &examples[row / spec.group_size];
-            rewards.score(&Completion {
+        .map(|e| prompter.messages(&e.question))
+        .collect();
+    let scored: Vec<Completion> = (0..rows.len())
+        .map(|row| {
+            let prompt = row / spec.group_size;
+            let example = &examples[prompt];
+            Completion {
                 prompt: &example.question,
-                text,
+                text: &texts[row],
                 answer: &example.answer,
-                num_tokens: Some(len),
-            })
+                num_tokens: Some(completions.lengths[row]),
+                messages: &messages[prompt],
+                ids: &rows[row],
+                columns: example.columns.as_deref(),
+            }
         })
         .collect();
+    let rewards = scoring.rewards;
+    let rewards_per_func = rewards.score(&scored, Some(&scoring.progress))?;
     let weighted = grpo::weighted_rewards(&rewards_per_func, rewards.weights())?;
     let advantages = grpo::group_advantages(&weighted, spec.group_size, cfg.scale_rewards)?;
     times.rewards = scoring_started.elapsed().as_secs_f64();

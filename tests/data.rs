@@ -118,6 +118,7 @@ fn string_answers_stream_across_row_groups_and_compressions() {
             let expected = Example {
                 question: format!("question {i}"),
                 answer: format!("{}{:03}", i + 1, i * 7),
+                columns: None,
             };
             assert_eq!(dataset.get(i), &expected, "{name} row {i}");
         }
@@ -577,4 +578,102 @@ fn config_keys_choose_the_dataset_subset_and_revision() {
     )
     .unwrap();
     assert_eq!(first_questions(&on_branch), ["converted 0", "converted 1"]);
+}
+
+#[test]
+fn every_column_is_read_as_json_rows_across_files_and_row_groups() {
+    use arrow_array::builder::{ListBuilder, StringBuilder};
+    use arrow_array::StructArray;
+    use arrow_schema::{DataType, Field};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("data");
+    // Two files of the split, the first with two row groups.
+    for (file, first) in [
+        ("train-00000-of-00002.parquet", 0),
+        ("train-00001-of-00002.parquet", 5),
+    ] {
+        let rows = 5 - first / 5 * 3;
+        let mut tags = ListBuilder::new(StringBuilder::new());
+        for i in 0..rows {
+            for t in 0..(first + i) % 3 {
+                tags.values().append_value(format!("t{t}"));
+            }
+            tags.append(true);
+        }
+        let levels: ArrayRef = Arc::new(Int32Array::from_iter_values(first..first + rows));
+        let sources: ArrayRef = Arc::new(StringArray::from_iter_values(
+            (first..first + rows).map(|i| format!("src{i}")),
+        ));
+        let meta = StructArray::from(vec![
+            (
+                Arc::new(Field::new("level", DataType::Int32, false)),
+                levels,
+            ),
+            (
+                Arc::new(Field::new("source", DataType::Utf8, false)),
+                sources,
+            ),
+        ]);
+        let score: ArrayRef = Arc::new(Float64Array::from_iter(
+            (first..first + rows).map(|i| (i % 2 == 0).then_some(i as f64 / 4.0)),
+        ));
+        write_parquet(
+            &folder.join(file),
+            vec![
+                (
+                    "question",
+                    Arc::new(StringArray::from(
+                        (first..first + rows)
+                            .map(|i| format!("question {i}"))
+                            .collect::<Vec<_>>(),
+                    )) as ArrayRef,
+                ),
+                (
+                    "answer",
+                    Arc::new(Int64Array::from_iter_values(
+                        (first..first + rows).map(|i| 100 + i as i64),
+                    )),
+                ),
+                ("tags", Arc::new(tags.finish())),
+                ("meta", Arc::new(meta)),
+                ("score", score),
+            ],
+            Compression::SNAPPY,
+        );
+    }
+    let mut dataset = Dataset::load(&spec(dir.path())).unwrap();
+    assert_eq!(dataset.len(), 7);
+    assert!(
+        dataset.examples().iter().all(|e| e.columns.is_none()),
+        "not read unless asked"
+    );
+    dataset.load_columns().unwrap();
+    for (i, example) in dataset.examples().iter().enumerate() {
+        let i = i as i64;
+        let tags: Vec<String> = (0..i % 3).map(|t| format!("t{t}")).collect();
+        let score = if i % 2 == 0 {
+            json!(i as f64 / 4.0)
+        } else {
+            json!(null)
+        };
+        let expected = json!({
+            "question": format!("question {i}"),
+            "answer": 100 + i,
+            "tags": tags,
+            "meta": {"level": i, "source": format!("src{i}")},
+            "score": score,
+        });
+        assert_eq!(
+            serde_json::Value::Object(example.columns.as_deref().unwrap().clone()),
+            expected,
+            "row {i}"
+        );
+        assert_eq!(
+            example.answer,
+            (100 + i).to_string(),
+            "normalised answer kept"
+        );
+    }
 }

@@ -431,8 +431,102 @@ fn advantage_and_reward_errors_name_the_problem() {
     assert!(err.to_string().contains("num_generations = 2"), "{err}");
     let err = weighted_rewards(&[vec![1.0, 2.0]], &[1.0]).unwrap_err();
     assert!(err.to_string().contains("reward weights"), "{err}");
-    let err = weighted_rewards(&[vec![f64::NAN]], &[1.0]).unwrap_err();
+    let err = weighted_rewards(&[vec![f64::INFINITY]], &[1.0]).unwrap_err();
     assert!(err.to_string().contains("finite"), "{err}");
+}
+
+/// A value of `tests/fixtures/rewards/none_rewards.json`, where JSON null stands for NaN.
+fn nan_or_f64(value: &Value) -> f64 {
+    if value.is_null() {
+        f64::NAN
+    } else {
+        value.as_f64().expect("number or null")
+    }
+}
+
+/// Rewards that are None (NaN: "no reward") are left out of the weighted sum, the group
+/// statistics and the logged metrics exactly as TRL 1.16's own `_generate_and_score_completions`
+/// does (fixture written by the pinned script beside it): partly rewarded completions, completions
+/// no function rewarded (advantage 0), groups with one or no rewarded completion, every scaling,
+/// and a function that never rewards (its metrics NaN).
+#[test]
+fn none_rewards_are_left_out_as_trl_does() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rewards/none_rewards.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    let eps = common::F32_EPS;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let per_func: Vec<Vec<f64>> = case["rewards_per_func"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row.as_array().unwrap().iter().map(nan_or_f64).collect())
+            .collect();
+        let weights = f64s(&case["reward_weights"]);
+        let g = case["num_generations"].as_u64().unwrap() as usize;
+        let scale: ScaleRewards = serde_json::from_value(case["scale_rewards"].clone()).unwrap();
+        let rewards = weighted_rewards(&per_func, &weights).unwrap();
+        let adv = group_advantages(&rewards, g, scale).unwrap();
+        // f32 sums and stds of a few values at most `r_max`, the advantages divided by the
+        // smallest std (+ 1e-4) when scaled: a few dozen roundings of those magnitudes.
+        let r_max = per_func
+            .iter()
+            .flatten()
+            .chain(
+                rewards
+                    .iter()
+                    .map(|&r| f64::from(r))
+                    .collect::<Vec<_>>()
+                    .iter(),
+            )
+            .filter(|v| !v.is_nan())
+            .fold(0.0f64, |m, v| m.max(v.abs()));
+        let scale_of_division = match scale {
+            ScaleRewards::None => 1.0,
+            _ => {
+                adv.std
+                    .iter()
+                    .filter(|s| !s.is_nan())
+                    .fold(f64::INFINITY, |m, &s| m.min(f64::from(s)))
+                    .min(1.0)
+                    + 1e-4
+            }
+        };
+        let ulps = 4.0 * (g as f64 + 4.0) * eps;
+        let expected = case["advantages"].as_array().unwrap();
+        assert_eq!(adv.advantages.len(), expected.len(), "{name}: rows");
+        for (row, (&actual, expected)) in adv.advantages.iter().zip(expected).enumerate() {
+            let expected = nan_or_f64(expected);
+            assert_close(
+                f64::from(actual),
+                expected,
+                ulps,
+                ulps * r_max / scale_of_division,
+                &format!("{name}: advantage {row}"),
+            );
+        }
+        let names: Vec<String> = (0..weights.len()).map(|k| format!("func{k}")).collect();
+        let metrics =
+            serde_json::to_value(RewardMetrics::new(&names, &per_func, &adv).unwrap()).unwrap();
+        for (key, expected) in case["metrics"].as_object().unwrap() {
+            let (actual, expected) = (nan_or_f64(&metrics[key]), nan_or_f64(expected));
+            if expected.is_nan() {
+                assert!(actual.is_nan(), "{name}: {key} = {actual}, TRL logs NaN");
+            } else {
+                let ulps = 4.0 * (per_func.len() as f64 + 4.0) * eps;
+                assert_close(
+                    actual,
+                    expected,
+                    ulps,
+                    ulps * r_max,
+                    &format!("{name}: {key}"),
+                );
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,12 +4,19 @@
 
 mod common;
 
+use std::time::Duration;
+
+use grpo::rewards::external::ExternalParams;
 use grpo::rewards::{Completion, RewardParams, RewardSet, AVAILABLE, SEED_REWARDS};
 use proptest::prelude::*;
 use serde_json::Value;
 
 const PARAMS: RewardParams = RewardParams {
     max_completion_length: 200,
+    external: ExternalParams {
+        timeout: Duration::from_secs(10),
+        retries: 0,
+    },
 };
 
 fn names(names: &[&str]) -> Vec<String> {
@@ -17,18 +24,20 @@ fn names(names: &[&str]) -> Vec<String> {
 }
 
 fn completion<'a>(text: &'a str, answer: &'a str) -> Completion<'a> {
-    Completion {
-        prompt: "",
-        text,
-        answer,
-        num_tokens: None,
-    }
+    Completion::of_text("", text, answer, None)
+}
+
+/// Each function's reward for one completion.
+fn score_one(set: &RewardSet, completion: &Completion) -> Vec<f64> {
+    set.score(std::slice::from_ref(completion), None)
+        .unwrap()
+        .remove(0)
 }
 
 /// One reward's value for one completion.
 fn reward(name: &str, text: &str, answer: &str) -> f64 {
     let set = RewardSet::new(&names(&[name]), None, PARAMS).expect("known reward");
-    set.score(&completion(text, answer))[0]
+    score_one(&set, &completion(text, answer))[0]
 }
 
 /// `str(answer)` of a golden case: strings as they are, JSON integers as their decimal digits.
@@ -63,7 +72,7 @@ fn seed_rewards_equal_golden_fixed_values_on_every_case() {
             case["extracted"].as_str().expect("extracted"),
             "case {index} {text:?}: extracted answer"
         );
-        let values = set.score(&completion(text, &answer));
+        let values = score_one(&set, &completion(text, &answer));
         for (name, value) in functions.iter().zip(&values) {
             let expected = case["fixed"][name].as_f64().expect("fixed value");
             assert_eq!(
@@ -122,7 +131,7 @@ fn weights_default_to_one_and_total_is_the_weighted_sum() {
     let weighted =
         RewardSet::new(&names(&["correctness", "digit"]), Some(&[0.5, 2.0]), PARAMS).unwrap();
     let text = "<think>\nx\n</think>\n<answer>\n8\n</answer>\n";
-    let values = weighted.score(&completion(text, "8"));
+    let values = score_one(&weighted, &completion(text, "8"));
     assert_eq!(values, [2.0, 0.5]);
     assert_eq!(weighted.total(&values), 2.0);
 }
@@ -256,12 +265,7 @@ fn cosine_follows_the_open_r1_schedule_in_characters() {
 fn soft_overlong_uses_tokens_when_known_and_characters_otherwise() {
     let set = RewardSet::new(&names(&["soft_overlong_punishment"]), None, PARAMS).unwrap();
     let score = |text: &str, num_tokens: Option<usize>| {
-        set.score(&Completion {
-            prompt: "",
-            text,
-            answer: "8",
-            num_tokens,
-        })[0]
+        score_one(&set, &Completion::of_text("", text, "8", num_tokens))[0]
     };
     // max 200, cache 40: free up to 160 tokens, −1 beyond 200.
     assert_eq!(score("short", Some(160)), 0.0);
@@ -315,7 +319,7 @@ proptest! {
         weights in prop::collection::vec(-3.0f64..3.0, AVAILABLE.len()),
     ) {
         let set = RewardSet::new(&names(AVAILABLE), Some(&weights), PARAMS).unwrap();
-        let values = set.score(&Completion { prompt: "", text: &text, answer: &answer, num_tokens });
+        let values = score_one(&set, &Completion::of_text("", &text, &answer, num_tokens));
         prop_assert_eq!(values.len(), AVAILABLE.len());
         for (name, value) in AVAILABLE.iter().zip(&values) {
             let (low, high) = documented_range(name);
@@ -325,13 +329,13 @@ proptest! {
         // Each weight belongs to its own reward: the set's total is the sum of the totals of
         // one-reward sets, each given that reward's weight (a mix-up of weights and names, or a
         // dropped reward, breaks it for some draw).
-        let completion = Completion { prompt: "", text: &text, answer: &answer, num_tokens };
+        let completion = Completion::of_text("", &text, &answer, num_tokens);
         let singles: Vec<f64> = AVAILABLE
             .iter()
             .zip(&weights)
             .map(|(name, &weight)| {
                 let one = RewardSet::new(&names(&[name]), Some(&[weight]), PARAMS).unwrap();
-                one.total(&one.score(&completion))
+                one.total(&score_one(&one, &completion))
             })
             .collect();
         let sum: f64 = singles.iter().sum();
@@ -341,13 +345,13 @@ proptest! {
         // the weights are used at all.
         let doubled: Vec<f64> = weights.iter().map(|w| 2.0 * w).collect();
         let twice = RewardSet::new(&names(AVAILABLE), Some(&doubled), PARAMS).unwrap();
-        prop_assert_eq!(twice.total(&twice.score(&completion)), 2.0 * total);
+        prop_assert_eq!(twice.total(&score_one(&twice, &completion)), 2.0 * total);
         // A weight of 0 drops exactly its reward: the total moves by that reward's single total.
         for (k, single) in singles.iter().enumerate() {
             let mut dropped = weights.clone();
             dropped[k] = 0.0;
             let without = RewardSet::new(&names(AVAILABLE), Some(&dropped), PARAMS).unwrap();
-            let rest = without.total(&without.score(&completion));
+            let rest = without.total(&score_one(&without, &completion));
             prop_assert!((total - rest - single).abs() <= 1e-12 * (1.0 + total.abs()));
         }
     }
@@ -365,7 +369,10 @@ fn huge_inputs_are_scored() {
     let repeated = "苹果 apple ".repeat(100_000);
     let digits = "9".repeat(100_000);
     for text in [&tags, &repeated, &digits] {
-        for (name, value) in AVAILABLE.iter().zip(set.score(&completion(text, &digits))) {
+        for (name, value) in AVAILABLE
+            .iter()
+            .zip(score_one(&set, &completion(text, &digits)))
+        {
             let (low, high) = documented_range(name);
             assert!(value >= low && value <= high, "{name} = {value}");
         }

@@ -3,6 +3,9 @@
 
 mod common;
 
+use std::time::Duration;
+
+use grpo::rewards::external::ExternalParams;
 use grpo::rewards::{RewardParams, RewardSet, SEED_REWARDS};
 use grpo::score::score_jsonl;
 use serde_json::{json, Value};
@@ -14,6 +17,10 @@ fn reward_set(names: &[&str], weights: Option<&[f64]>) -> RewardSet {
         weights,
         RewardParams {
             max_completion_length: 200,
+            external: ExternalParams {
+                timeout: Duration::from_secs(10),
+                retries: 0,
+            },
         },
     )
     .expect("valid reward set")
@@ -21,7 +28,7 @@ fn reward_set(names: &[&str], weights: Option<&[f64]>) -> RewardSet {
 
 fn score(input: &str, rewards: &RewardSet) -> anyhow::Result<Vec<Value>> {
     let mut output = Vec::new();
-    score_jsonl(input.as_bytes(), &mut output, rewards)?;
+    score_jsonl(input.as_bytes(), &mut output, rewards, None)?;
     let text = String::from_utf8(output).expect("UTF-8 output");
     Ok(text
         .lines()

@@ -2,19 +2,22 @@
 //! local parquet file or folder or a hub dataset, and a reproducible shuffled order per epoch.
 //!
 //! Only the two configured columns are decoded (see [`parquet`]) and only the questions and
-//! normalised answers ([`normalize_answer`]) stay in memory.
+//! normalised answers ([`normalize_answer`]) stay in memory, unless every column is asked for
+//! ([`Dataset::load_columns`], for external rewards).
 
 mod answer;
 mod parquet;
 mod split_files;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::hub::{list_dir_files, HubRepo, HubSettings, RepoKind};
 
@@ -41,6 +44,8 @@ pub struct Example {
     pub question: String,
     /// Normalised with [`normalize_answer`] (as written for [`Dataset::load_solutions`]).
     pub answer: String,
+    /// Every column of the row as JSON, once [`Dataset::load_columns`] has read them.
+    pub columns: Option<Arc<Map<String, Value>>>,
 }
 
 /// Where a run stands in its data: the epoch in progress and how many of its examples were used.
@@ -108,6 +113,27 @@ impl Dataset {
             );
         }
         Ok(Dataset { examples, files })
+    }
+
+    /// Reads every column of every row (as JSON: numbers, strings, lists, objects; binary as
+    /// base64, dates as text) into [`Example::columns`], with the answer as written.
+    pub fn load_columns(&mut self) -> Result<()> {
+        let mut rows = Vec::with_capacity(self.examples.len());
+        for file in &self.files {
+            parquet::read_rows(file, &mut rows)?;
+        }
+        if rows.len() != self.examples.len() {
+            bail!(
+                "the dataset files gave {} rows with every column but {} examples: were they \
+                 changed while loading?",
+                rows.len(),
+                self.examples.len()
+            );
+        }
+        for (example, row) in self.examples.iter_mut().zip(rows) {
+            example.columns = Some(Arc::new(row));
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

@@ -1,5 +1,5 @@
 //! Reading the prompt and answer columns of one parquet file, batch by batch, with a projection
-//! so that no other column is decoded.
+//! so that no other column is decoded; and, when asked, every column of every row as JSON.
 
 use std::fs::File;
 use std::path::Path;
@@ -14,6 +14,8 @@ use arrow_array::Array;
 use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use serde_json::{Map, Value};
 
 use super::Example;
 
@@ -106,9 +108,38 @@ pub(crate) fn read_examples(
             };
             let question = prompt.ok_or_else(|| null_cell(prompt_column))?;
             let answer = answer.ok_or_else(|| null_cell(answer_column))?;
-            examples.push(Example { question, answer });
+            examples.push(Example {
+                question,
+                answer,
+                columns: None,
+            });
         }
         first_row += batch.num_rows();
+    }
+    Ok(())
+}
+
+/// Appends every row of `path`, all columns, as JSON objects (parquet's own record reader and
+/// JSON conversion) to `rows`.
+pub(crate) fn read_rows(path: &Path, rows: &mut Vec<Map<String, Value>>) -> Result<()> {
+    let file =
+        File::open(path).with_context(|| format!("opening dataset file {}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{} is not a readable parquet file", path.display()))?;
+    let records = reader
+        .get_row_iter(None)
+        .with_context(|| format!("reading the rows of {}", path.display()))?;
+    for (index, record) in records.enumerate() {
+        let record = record.with_context(|| {
+            format!(
+                "decoding row {index} (0-based) of {} (corrupt data?)",
+                path.display()
+            )
+        })?;
+        match record.to_json_value() {
+            Value::Object(row) => rows.push(row),
+            other => bail!("row {index} of {} is not a record: {other}", path.display()),
+        }
     }
     Ok(())
 }

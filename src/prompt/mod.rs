@@ -42,6 +42,16 @@ impl Message {
     }
 }
 
+/// The conversation of one question: the system prompt (if any), then the question as the
+/// user's message.
+pub fn conversation(system_prompt: Option<&str>, question: &str) -> Vec<Message> {
+    system_prompt
+        .into_iter()
+        .map(Message::system)
+        .chain([Message::user(question)])
+        .collect()
+}
+
 /// Builds the prompt ids of dataset questions: `[system?, user]` rendered with the generation
 /// prompt, encoded, and left-truncated to `max_prompt_length` tokens.
 pub struct Prompter {
@@ -71,11 +81,7 @@ impl Prompter {
 
     /// The conversation of one question: the system prompt (if any), then the question.
     pub fn messages(&self, question: &str) -> Vec<Message> {
-        self.system_prompt
-            .iter()
-            .map(Message::system)
-            .chain([Message::user(question)])
-            .collect()
+        conversation(self.system_prompt.as_deref(), question)
     }
 
     /// The prompt ids of `question`, keeping the LAST `max_prompt_length` tokens when longer

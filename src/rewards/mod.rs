@@ -1,15 +1,22 @@
-//! Rule rewards: a registry by name and the weighted total.
+//! Rewards: rule rewards from a registry by name, external ones (a command or an HTTP
+//! endpoint, see [`external`]), and the weighted total.
 //!
-//! Each reward is a pure function of one [`Completion`] (and, for length-aware ones, the
-//! [`RewardParams`]); a [`RewardSet`] is the configured list with its weights. The formulas,
-//! ranges and sources of every reward are in `docs/REWARDS.md`.
+//! Each rule reward is a pure function of one [`Completion`] (and, for length-aware ones, the
+//! [`RewardParams`]); an external one scores a whole batch in one call. A [`RewardSet`] is the
+//! configured list with its weights. The formulas, ranges and sources of every reward, and the
+//! protocol of external ones, are in `docs/REWARDS.md`.
 
+pub mod external;
 mod extra;
 mod numeric;
 mod python;
 mod seed;
 
 use anyhow::{bail, Result};
+use serde_json::{Map, Value};
+
+use crate::prompt::Message;
+use external::ExternalReward;
 
 pub use numeric::{gold_answer, parse_number, Rational};
 pub use seed::extract_answer;
@@ -43,12 +50,43 @@ pub struct Completion<'a> {
     pub answer: &'a str,
     /// Completion length in tokens (for length-aware rewards), if known.
     pub num_tokens: Option<usize>,
+    /// The prompt as the chat messages the model was given (empty when unknown); external
+    /// rewards get it as TRL's conversational `prompts`.
+    pub messages: &'a [Message],
+    /// The completion's token ids up to and including its EOS (empty when unknown).
+    pub ids: &'a [u32],
+    /// Every column of the completion's dataset row, for external rewards (`None` when not
+    /// loaded).
+    pub columns: Option<&'a Map<String, Value>>,
 }
 
-/// Settings that length-aware rewards need from the run config.
+impl<'a> Completion<'a> {
+    /// A completion known only by its text and answer (and prompt and length, when known).
+    pub fn of_text(
+        prompt: &'a str,
+        text: &'a str,
+        answer: &'a str,
+        num_tokens: Option<usize>,
+    ) -> Self {
+        Self {
+            prompt,
+            text,
+            answer,
+            num_tokens,
+            messages: &[],
+            ids: &[],
+            columns: None,
+        }
+    }
+}
+
+/// Settings that rewards need from the run config.
 #[derive(Debug, Clone, Copy)]
 pub struct RewardParams {
+    /// For length-aware rule rewards.
     pub max_completion_length: usize,
+    /// How external rewards are called.
+    pub external: external::ExternalParams,
 }
 
 /// One reward function of the registry (same order as [`AVAILABLE`]).
@@ -112,41 +150,52 @@ impl Reward {
     }
 }
 
+/// One configured reward function.
+enum RewardFunction {
+    Rule(Reward),
+    External(ExternalReward),
+}
+
 /// The configured reward functions with their weights.
 pub struct RewardSet {
     names: Vec<String>,
     weights: Vec<f64>,
-    rewards: Vec<Reward>,
+    functions: Vec<RewardFunction>,
     params: RewardParams,
 }
 
 impl RewardSet {
-    /// Builds the set; `weights` defaults to all 1. Unknown names and a weights/names length
-    /// mismatch are errors.
+    /// Builds the set; `weights` defaults to all 1. Unknown names, malformed external ones and a
+    /// weights/names length mismatch are errors. External rewards start at their first call.
     pub fn new(names: &[String], weights: Option<&[f64]>, params: RewardParams) -> Result<Self> {
         if names.is_empty() {
             bail!(
-                "reward_funcs is empty: name at least one reward function (available: {})",
+                "reward_funcs is empty: name at least one reward function (available: {}, or an \
+                 external `cmd:COMMAND` or `http://URL`)",
                 AVAILABLE.join(", ")
             );
         }
-        let mut rewards = Vec::with_capacity(names.len());
+        let mut functions = Vec::with_capacity(names.len());
         for (index, name) in names.iter().enumerate() {
-            let Some(reward) = Reward::from_name(name) else {
-                bail!(
-                    "unknown reward function `{name}` in reward_funcs (did you mean `{}`?); \
-                     available: {}",
-                    nearest_available(name),
-                    AVAILABLE.join(", ")
-                );
-            };
             if names[..index].contains(name) {
                 bail!(
                     "reward function `{name}` is listed twice in reward_funcs: list it once and \
                      give it a larger weight in reward_weights instead"
                 );
             }
-            rewards.push(reward);
+            let function = if external::is_external(name) {
+                RewardFunction::External(ExternalReward::new(name, params.external)?)
+            } else if let Some(reward) = Reward::from_name(name) {
+                RewardFunction::Rule(reward)
+            } else {
+                bail!(
+                    "unknown reward function `{name}` in reward_funcs (did you mean `{}`?); \
+                     available: {}, or an external `cmd:COMMAND` or `http://URL`",
+                    nearest_available(name),
+                    AVAILABLE.join(", ")
+                );
+            };
+            functions.push(function);
         }
         let weights = match weights {
             None => vec![1.0; names.len()],
@@ -173,7 +222,7 @@ impl RewardSet {
         Ok(Self {
             names: names.to_vec(),
             weights,
-            rewards,
+            functions,
             params,
         })
     }
@@ -186,21 +235,58 @@ impl RewardSet {
         &self.weights
     }
 
-    /// Each function's reward for one completion, in `names()` order.
-    pub fn score(&self, completion: &Completion) -> Vec<f64> {
-        self.rewards
+    /// Whether some reward is external (and so wants the dataset's columns).
+    pub fn has_external(&self) -> bool {
+        self.functions
             .iter()
-            .map(|reward| reward.score(completion, &self.params))
-            .collect()
+            .any(|function| matches!(function, RewardFunction::External(_)))
     }
 
-    /// The weighted sum of per-function rewards.
+    /// Each function's reward for each completion, `[completion][function]` in `names()`
+    /// order; NaN where an external function gave no reward (null). External functions get
+    /// the whole batch in one call (with `progress` when training); their failures are errors
+    /// naming them.
+    pub fn score(
+        &self,
+        completions: &[Completion],
+        progress: Option<&external::TrainerProgress>,
+    ) -> Result<Vec<Vec<f64>>> {
+        let mut request = None;
+        let mut rows = vec![Vec::with_capacity(self.functions.len()); completions.len()];
+        if completions.is_empty() {
+            return Ok(rows);
+        }
+        for function in &self.functions {
+            let column: Vec<f64> = match function {
+                RewardFunction::Rule(reward) => completions
+                    .iter()
+                    .map(|completion| reward.score(completion, &self.params))
+                    .collect(),
+                RewardFunction::External(reward) => {
+                    let request =
+                        request.get_or_insert_with(|| external::request(completions, progress));
+                    reward.score(request, completions.len())?
+                }
+            };
+            for (row, value) in rows.iter_mut().zip(column) {
+                row.push(value);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The weighted sum of per-function rewards; NaN (no reward) terms are left out, and a
+    /// completion no function rewarded totals NaN (as TRL's `nansum` with unscorable rows).
     pub fn total(&self, per_function: &[f64]) -> f64 {
-        per_function
+        let rewarded = per_function
             .iter()
             .zip(&self.weights)
-            .map(|(r, w)| r * w)
-            .sum()
+            .filter(|(r, _)| !r.is_nan());
+        let mut terms = rewarded.map(|(r, w)| r * w).peekable();
+        if terms.peek().is_none() {
+            return f64::NAN;
+        }
+        terms.sum()
     }
 }
 
