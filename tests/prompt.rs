@@ -406,3 +406,58 @@ fn tokenizer_and_prompter_can_be_shared_across_threads() {
     assert_send_sync::<ChatTokenizer>();
     assert_send_sync::<Prompter>();
 }
+
+#[test]
+fn chat_template_kwargs_are_template_variables_that_override_special_tokens() {
+    let eos = string(&meta_token("eos_token"));
+    let config = json!({
+        "eos_token": eos,
+        "chat_template": "{{ eos_token }}|{{ depth }}|{{ flags | tojson }}|{{ messages[0].content }}",
+    });
+    let dir = folder_with_config(&config);
+    let tokenizer = Arc::new(ChatTokenizer::from_dir(dir.path()).unwrap());
+    let question = [Message::user("q")];
+    let kwargs = |value: Value| value.as_object().unwrap().clone();
+    // apply_chat_template(..., depth=2, flags={"a": [True, None]}) in transformers.
+    let given = kwargs(json!({"depth": 2, "flags": {"a": [true, null]}}));
+    assert_eq!(
+        tokenizer
+            .render_with_kwargs(&question, true, &given)
+            .unwrap(),
+        format!("{eos}|2|{{\"a\": [true, null]}}|q")
+    );
+    // {**special_tokens_map, **kwargs}: a kwarg wins over the special token of its name.
+    let overriding = kwargs(json!({"eos_token": "E", "depth": 1, "flags": []}));
+    assert_eq!(
+        tokenizer
+            .render_with_kwargs(&question, true, &overriding)
+            .unwrap(),
+        "E|1|[]|q"
+    );
+    // The prompter passes them to every prompt.
+    let prompter = Prompter::new(tokenizer.clone(), None, usize::MAX)
+        .unwrap()
+        .with_chat_template_kwargs(given.clone())
+        .unwrap();
+    let text = tokenizer
+        .render_with_kwargs(&question, true, &given)
+        .unwrap();
+    assert_eq!(
+        prompter.prompt_ids("q").unwrap(),
+        tokenizer.encode(&text).unwrap()
+    );
+
+    for reserved in grpo::prompt::RESERVED_TEMPLATE_VARIABLES {
+        let bad = kwargs(json!({ reserved: 1 }));
+        let error = tokenizer
+            .render_with_kwargs(&question, true, &bad)
+            .unwrap_err();
+        assert!(format!("{error:#}").contains(reserved), "{error:#}");
+        let error = Prompter::new(tokenizer.clone(), None, usize::MAX)
+            .unwrap()
+            .with_chat_template_kwargs(bad)
+            .err()
+            .expect("a reserved name is refused");
+        assert!(format!("{error:#}").contains(reserved), "{error:#}");
+    }
+}
