@@ -461,3 +461,31 @@ fn chat_template_kwargs_are_template_variables_that_override_special_tokens() {
         assert!(format!("{error:#}").contains(reserved), "{error:#}");
     }
 }
+
+/// Qwen3's template on conversations a `[system, user]` prompt does not exercise (assistant
+/// turns holding `<think>` blocks, tool turns found by its reversed loop and namespace, a late
+/// system message, `enable_thinking`), against transformers' renderings
+/// (`tests/fixtures/chat_templates/make_qwen3_chat.py`, with the tokenizer of the Qwen3 fixture).
+#[test]
+fn qwen3_template_renders_every_turn_kind_like_transformers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tokenizer = ChatTokenizer::from_dir(&root.join("golden/qwen3")).unwrap();
+    let text = fs::read_to_string(root.join("chat_templates/qwen3_chat.json")).unwrap();
+    let fixture: Value = serde_json::from_str(&text).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let name = format!("{} {}", case["name"], case["kwargs"]);
+        let kwargs = case["kwargs"].as_object().unwrap();
+        let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+        let rendered = tokenizer
+            .render_with_kwargs(&messages(&case["messages"]), add_generation_prompt, kwargs)
+            .unwrap();
+        assert_eq!(rendered, string(&case["text"]), "text of {name}");
+        assert_eq!(
+            tokenizer.encode(&rendered).unwrap(),
+            u32s(&case["ids"]),
+            "ids of {name}"
+        );
+    }
+}
