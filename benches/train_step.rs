@@ -33,8 +33,8 @@ use rand_distr::{Distribution, Normal};
 use grpo::config::Config;
 use grpo::grpo::{grpo_loss, LossInputs, LossParams};
 use grpo::model::{
-    completion_logprobs, grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2, Qwen2Config,
-    TokenLogprobs,
+    completion_logprobs, grouped_completion_logprobs, GroupedBatch, ModelFamily, ModelFiles, Qwen2,
+    Qwen2Config, TokenLogprobs,
 };
 use grpo::sampling::{generate, GenerationSpec, SamplingParams};
 
@@ -53,6 +53,7 @@ const SEED: u64 = 42;
 /// lm-head's share of the work is much smaller than on a real checkpoint.
 fn mid_size_config() -> Qwen2Config {
     Qwen2Config {
+        family: ModelFamily::Qwen2,
         vocab_size: 1000,
         hidden_size: 512,
         intermediate_size: 1408,
@@ -64,6 +65,7 @@ fn mid_size_config() -> Qwen2Config {
         rope_theta: 1e6,
         rms_norm_eps: 1e-6,
         tie_word_embeddings: true,
+        attention_bias: false,
     }
 }
 

@@ -18,13 +18,13 @@ use crate::rewards::RewardSet;
 use crate::sample::{self, PromptSource};
 use crate::score::score_jsonl;
 
-/// GRPO (the rule-reward RL of DeepSeek-R1-Zero) for small Qwen2 chat models.
+/// GRPO (the rule-reward RL of DeepSeek-R1-Zero) for Qwen2.5 and Qwen3 chat models.
 #[derive(Debug, Parser)]
 #[command(
     name = "grpo",
     version,
-    about = "GRPO (the rule-reward RL of DeepSeek-R1-Zero) for small Qwen2 chat models",
-    long_about = "GRPO (the rule-reward RL of DeepSeek-R1-Zero) for small Qwen2 chat models, \
+    about = "GRPO (the rule-reward RL of DeepSeek-R1-Zero) for Qwen2.5 and Qwen3 chat models",
+    long_about = "GRPO (the rule-reward RL of DeepSeek-R1-Zero) for Qwen2.5 and Qwen3 chat models, \
 in one binary.\n\n\
 Every command reads the same configuration: the defaults of TRL's GRPOConfig (0.14 era), then \
 the file given with --config (.toml, .yaml or .yml, with TRL's field names), then each \
@@ -87,9 +87,10 @@ weighted_sum}, in input order."
     )]
     Score(ScoreArgs),
 
-    /// Write a randomly initialised Qwen2 checkpoint shaped like a config.json.
+    /// Write a randomly initialised Qwen2 or Qwen3 checkpoint shaped like a config.json.
     #[command(
-        long_about = "Write a randomly initialised Qwen2 checkpoint shaped like a config.json: \
+        long_about = "Write a randomly initialised Qwen2 or Qwen3 checkpoint (the config's model_type) \
+shaped like a config.json: \
 matrices and embeddings drawn from normal(0, initializer_range), norm weights 1, biases 0, as \
 transformers initialises a new model. The folder gets config.json (as given), model.safetensors \
 and generation_config.json, plus tokenizer.json and tokenizer_config.json from --tokenizer-from; \

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::grpo::{LossType, ScaleRewards};
 pub use crate::optim::LrSchedulerType;
-use crate::rewards;
+use crate::{prompt, rewards};
 
 /// The system prompt of the users' TRL recipe (note the full-width colon `：`).
 pub const SEED_SYSTEM_PROMPT: &str =
@@ -86,6 +86,9 @@ pub struct Config {
     pub dataset_answer_column: String,
     pub dataset_solution_column: String,
     pub system_prompt: String,
+    /// TRL's `chat_template_kwargs`: extra variables for the chat template, e.g.
+    /// `{ enable_thinking = false }` for Qwen3.
+    pub chat_template_kwargs: Map<String, Value>,
     pub reward_funcs: Vec<String>,
     /// Ours: seconds an external reward (`cmd:` or `http(s)://`) may take to answer one batch.
     pub reward_timeout: f64,
@@ -165,6 +168,7 @@ impl Default for Config {
             dataset_answer_column: "answer_only".into(),
             dataset_solution_column: "answer".into(),
             system_prompt: SEED_SYSTEM_PROMPT.into(),
+            chat_template_kwargs: Map::new(),
             reward_funcs: rewards::SEED_REWARDS
                 .iter()
                 .map(|s| s.to_string())
@@ -315,6 +319,18 @@ impl Config {
                 field,
                 Quoted(value),
                 "a non-empty string",
+            );
+        }
+
+        if let Some(name) = prompt::reserved_template_variable(self.chat_template_kwargs.keys()) {
+            check.that(
+                false,
+                "chat_template_kwargs",
+                Value::Object(self.chat_template_kwargs.clone()),
+                &format!(
+                    "extra template variables, not {name:?}: apply_chat_template sets {} itself",
+                    prompt::RESERVED_TEMPLATE_VARIABLES.join(", ")
+                ),
             );
         }
 

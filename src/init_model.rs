@@ -1,6 +1,8 @@
-//! Randomly initialised Qwen2 models of any shape (`grpo init-model`), for tests, benchmarks and
-//! training from scratch: weights drawn as transformers' `Qwen2PreTrainedModel._init_weights`
-//! draws them (matrices and embeddings normal(0, `initializer_range`), norm weights 1, biases 0,
+//! Randomly initialised Qwen2 or Qwen3 models of any shape (`grpo init-model`), for tests,
+//! benchmarks and training from scratch: weights drawn as transformers'
+//! `Qwen2PreTrainedModel._init_weights` / `Qwen3PreTrainedModel._init_weights` draw them
+//! (matrices and embeddings normal(0, `initializer_range`), norm weights (q_norm and k_norm
+//! included) 1, biases 0,
 //! the `pad_token_id` embedding row 0), held in memory ([`random_model`]) or written as a
 //! transformers checkpoint folder ([`write_random_checkpoint`], [`init_model_folder`]).
 
@@ -14,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::Normal;
 use serde_json::{json, Map, Value};
 
-use crate::model::{Qwen2, Qwen2Config};
+use crate::model::{ModelFamily, Qwen2, Qwen2Config};
 
 /// transformers' `PretrainedConfig.initializer_range` default.
 pub const DEFAULT_INITIALIZER_RANGE: f64 = 0.02;
@@ -71,13 +73,14 @@ pub fn random_model(config: Qwen2Config, std: f64, seed: u64, device: &Device) -
     Qwen2::from_parameters(config, parameters, true)
 }
 
-/// A transformers `config.json` (as a JSON object) describing `config`, with
-/// `initializer_range` [`DEFAULT_INITIALIZER_RANGE`] and f32 weights; pass it to
-/// [`write_random_checkpoint`] to get a loadable folder of any shape.
+/// A transformers `config.json` (as a JSON object) describing `config` (its family's
+/// `model_type` and `architectures`), with `initializer_range` [`DEFAULT_INITIALIZER_RANGE`]
+/// and f32 weights; pass it to [`write_random_checkpoint`] to get a loadable folder of any
+/// shape.
 pub fn config_json(config: &Qwen2Config) -> Value {
     let mut value = json!({
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+        "architectures": [config.family.architecture()],
+        "model_type": config.family.model_type(),
         "hidden_act": "silu",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -94,8 +97,14 @@ pub fn config_json(config: &Qwen2Config) -> Value {
         "use_sliding_window": false,
         "torch_dtype": "float32",
     });
-    if config.head_dim * config.num_attention_heads != config.hidden_size {
-        value["head_dim"] = json!(config.head_dim);
+    match config.family {
+        ModelFamily::Qwen2
+            if config.head_dim * config.num_attention_heads == config.hidden_size => {}
+        ModelFamily::Qwen2 => value["head_dim"] = json!(config.head_dim),
+        ModelFamily::Qwen3 => {
+            value["head_dim"] = json!(config.head_dim);
+            value["attention_bias"] = json!(config.attention_bias);
+        }
     }
     value
 }

@@ -1,4 +1,4 @@
-//! `grpo`: GRPO (the rule-reward RL of DeepSeek-R1-Zero) for small Qwen2 chat models.
+//! `grpo`: GRPO (the rule-reward RL of DeepSeek-R1-Zero) for Qwen2.5 and Qwen3 chat models.
 //!
 //! The pipeline, top to bottom: [`config`] → [`data`] rows → [`prompt`] token ids →
 //! [`sampling`] of G completions per prompt with the [`model`] → [`rewards`] →

@@ -231,9 +231,11 @@ fn device_memory_capacity(_device: &Device) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ModelFamily;
 
     fn model() -> Qwen2Config {
         Qwen2Config {
+            family: ModelFamily::Qwen2,
             vocab_size: 1000,
             hidden_size: 64,
             intermediate_size: 160,
@@ -245,6 +247,7 @@ mod tests {
             rope_theta: 1e6,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: true,
+            attention_bias: false,
         }
     }
 

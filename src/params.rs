@@ -110,9 +110,11 @@ impl Dataset {
 }
 
 impl Prompter {
-    /// The config's prompts: `system_prompt` (none when empty) and `max_prompt_length`.
+    /// The config's prompts: `system_prompt` (none when empty), `max_prompt_length` and
+    /// `chat_template_kwargs`.
     pub fn from_config(tokenizer: Arc<ChatTokenizer>, cfg: &Config) -> Result<Self> {
         let system_prompt = Some(cfg.system_prompt.clone()).filter(|s| !s.is_empty());
-        Self::new(tokenizer, system_prompt, cfg.max_prompt_length)
+        Self::new(tokenizer, system_prompt, cfg.max_prompt_length)?
+            .with_chat_template_kwargs(cfg.chat_template_kwargs.clone())
     }
 }

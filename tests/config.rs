@@ -139,6 +139,81 @@ fn toml_recipe_is_the_users_trl_recipe() {
 }
 
 #[test]
+fn qwen3_recipe_is_the_qwen05b_recipe_on_qwen3_0_6b_without_thinking() {
+    let qwen3 = Config::load(Some(&recipe("qwen3-0.6b.toml")), &[]).unwrap();
+    assert_eq!(qwen3.model_name_or_path, "Qwen/Qwen3-0.6B");
+    let enable_thinking =
+        serde_json::Map::from_iter([("enable_thinking".to_string(), false.into())]);
+    assert_eq!(qwen3.chat_template_kwargs, enable_thinking);
+    let base = Config::load(Some(&recipe("qwen05b.toml")), &[]).unwrap();
+    assert_eq!(
+        Config {
+            model_name_or_path: base.model_name_or_path.clone(),
+            chat_template_kwargs: base.chat_template_kwargs.clone(),
+            ..qwen3
+        },
+        base,
+        "every other field is the recipe's"
+    );
+}
+
+/// Every file shipped in configs/ loads: run configs (`.toml`, `.yaml`) validate, model
+/// configs (`.json`) parse as a supported model.
+#[test]
+fn every_shipped_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        match extension {
+            "toml" | "yaml" | "yml" => {
+                Config::load(Some(&path), &[])
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            }
+            "json" => {
+                let text = std::fs::read_to_string(&path).unwrap();
+                grpo::model::Qwen2Config::parse(&text, &path.display().to_string())
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            }
+            _ => panic!("{}: not a config this test knows", path.display()),
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "configs/ holds the recipes");
+}
+
+#[test]
+fn chat_template_kwargs_take_any_values_and_refuse_reserved_names() {
+    let c = load_text(
+        "run.toml",
+        "chat_template_kwargs = { enable_thinking = false, depth = 2, tags = [\"a\"] }\n",
+        &[],
+    )
+    .unwrap();
+    let kwargs = serde_json::json!({"enable_thinking": false, "depth": 2, "tags": ["a"]});
+    assert_eq!(
+        serde_json::Value::Object(c.chat_template_kwargs.clone()),
+        kwargs
+    );
+    let yaml = load_text(
+        "run.yaml",
+        "chat_template_kwargs:\n  enable_thinking: false\n  depth: 2\n  tags: [a]\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(yaml, c);
+    for reserved in ["messages", "add_generation_prompt", "tools"] {
+        let message = error_of(load_overrides(&[&format!(
+            "chat_template_kwargs={{{reserved}=1}}"
+        )]));
+        assert_mentions(&message, &["chat_template_kwargs", reserved]);
+    }
+    let message = error_of(load_overrides(&["chat_template_kwargs=true"]));
+    assert_mentions(&message, &["chat_template_kwargs"]);
+}
+
+#[test]
 fn yaml_recipe_equals_toml_recipe() {
     let toml = Config::load(Some(&recipe("qwen05b.toml")), &[]).unwrap();
     let yaml = Config::load(Some(&recipe("qwen05b.yaml")), &[]).unwrap();
@@ -571,6 +646,7 @@ fn to_toml_round_trips() {
         "report_to=[\"tensorboard\"]",
         "learning_rate=3.14159e-7",
         "device=cpu",
+        "chat_template_kwargs={enable_thinking=false, depth=2, name=\"x\", tags=[1, 2]}",
         "system_prompt='''a \"quoted\" \\ line\n'''",
     ])
     .unwrap();
@@ -606,6 +682,7 @@ fn to_toml_lists_every_field() {
         "reward_funcs=[\"mark\"]",
         "resume_from_checkpoint=true",
         "dataset_config=main",
+        "chat_template_kwargs={enable_thinking=false}",
     ])
     .unwrap();
     for config in [Config::default(), every_option_set] {

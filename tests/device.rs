@@ -12,17 +12,10 @@ use grpo::model::{
     completion_logprobs, grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2,
 };
 
-use common::{cases, golden_dir, golden_forward_hidden, max_abs_diff, tensors};
-
-/// bf16 keeps 8 significant bits: one rounding is a relative error of at most 2^-9.
-const BF16_UNIT_ROUNDOFF: f64 = 1.0 / 512.0;
-
-/// Logits (and log-probs) in bf16 compute may differ from f32 by this many units of roundoff,
-/// times the largest golden logit (docs/PRECISION.md).
-const LOGIT_ROUNDOFFS: f64 = 16.0;
-
-/// Relative L2 error allowed for each parameter's gradient in bf16 compute.
-const GRADIENT_RELATIVE_ERROR: f64 = 0.05;
+use common::{
+    cases, golden_dir, golden_forward_hidden, l2, max_abs_diff, tensors, BF16_UNIT_ROUNDOFF,
+    GRADIENT_RELATIVE_ERROR, LOGIT_ROUNDOFFS,
+};
 
 fn files(dir: &Path) -> ModelFiles {
     ModelFiles::resolve(dir.to_str().expect("utf-8 path"), "main").expect("golden model resolves")
@@ -49,18 +42,6 @@ fn max_abs(t: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
-}
-
-fn l2(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt()
 }
 
 /// `t` with the entries where `mask` (its leading shape) is 0 zeroed.

@@ -3,20 +3,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
-use grpo::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
+use candle_core::Tensor;
+use grpo::grpo::LossType;
 
-use common::{assert_tensor_close, cases, golden_dir, tensors, Tolerance};
-
-fn model(dir: &std::path::Path, trainable: bool) -> Qwen2 {
-    let files = ModelFiles::resolve(dir.to_str().unwrap(), "main").unwrap();
-    if trainable {
-        Qwen2::load_policy(&files, &Device::Cpu).unwrap()
-    } else {
-        Qwen2::load_reference(&files, &Device::Cpu).unwrap()
-    }
-}
+use common::{
+    assert_tensor_close, cases, golden_dir, golden_grpo_step, load_model, tensors, GrpoSettings,
+    Tolerance,
+};
 
 fn loss_types() -> [(LossType, &'static str); 4] {
     [
@@ -34,66 +27,18 @@ fn loss_and_grads(
     use_bias_correction_kl: bool,
 ) -> (f32, Vec<(String, Tensor)>) {
     let case = &cases()["grpo"];
-    let t = tensors();
-    let g = case["num_generations"].as_u64().unwrap() as usize;
-    let rows = t["grpo.prompt_ids"].dim(0).unwrap();
-    // One row per distinct prompt: rows are prompt * G + g.
-    let firsts = Tensor::new(
-        (0..rows as u32).step_by(g).collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let prompt_ids = t["grpo.prompt_ids"].index_select(&firsts, 0).unwrap();
-    let prompt_mask = t["grpo.prompt_mask"].index_select(&firsts, 0).unwrap();
-    let completion_ids = &t["grpo.completion_ids"];
-    let mask = t["grpo.completion_mask"].to_dtype(DType::F32).unwrap();
-    let batch = GroupedBatch {
-        prompt_ids: &prompt_ids,
-        prompt_mask: &prompt_mask,
-        completion_ids,
-        completion_mask: &mask,
-        group_size: g,
-    };
-    let temperature = case["temperature"].as_f64().unwrap();
-    let policy = model(&golden_dir(), true);
-    let reference = model(&golden_dir().join("ref_model"), false);
-    let logp = grouped_completion_logprobs(&policy, &batch, temperature, false)
-        .unwrap()
-        .logprobs;
-    let ref_logp = grouped_completion_logprobs(&reference, &batch, temperature, false)
-        .unwrap()
-        .logprobs;
-    let num_items = mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize;
-    let params = LossParams {
+    let settings = GrpoSettings {
         loss_type,
+        temperature: case["temperature"].as_f64().unwrap(),
         beta: case["beta"].as_f64().unwrap(),
         epsilon_low: case["epsilon_low"].as_f64().unwrap(),
         epsilon_high: case["epsilon_high"].as_f64().unwrap(),
-        max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
-        num_items_in_batch: num_items,
-        gradient_accumulation_steps: 1,
         use_bias_correction_kl,
     };
-    let inputs = LossInputs {
-        logp: &logp,
-        old_logp: &logp.detach(),
-        ref_logp: Some(&ref_logp),
-        advantages: &t["grpo.advantages"],
-        mask: &mask,
-    };
-    let loss = grpo_loss(&inputs, &params).unwrap();
-    let grads = loss.loss.backward().unwrap();
-    let named = policy
-        .named_parameters()
-        .iter()
-        .map(|(name, var)| {
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            (name.clone(), grad.clone())
-        })
-        .collect();
-    (loss.loss.to_scalar::<f32>().unwrap(), named)
+    let policy = load_model(&golden_dir(), true);
+    let reference = load_model(&golden_dir().join("ref_model"), false);
+    let outcome = golden_grpo_step(&policy, &reference, &settings);
+    (outcome.loss, outcome.grads)
 }
 
 #[test]

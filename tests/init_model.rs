@@ -12,7 +12,7 @@ use grpo::init_model::{
     config_json, init_model_folder, random_model, random_parameters, write_random_checkpoint,
     DEFAULT_INITIALIZER_RANGE,
 };
-use grpo::model::{ModelFiles, Qwen2};
+use grpo::model::{ModelFamily, ModelFiles, Qwen2, Qwen2Config};
 use serde_json::Value;
 
 use common::{cases, golden_dir};
@@ -95,13 +95,29 @@ fn random_model_from_the_golden_config_loads_with_its_names_and_shapes() {
 
 #[test]
 fn values_follow_transformers_initialisation() {
-    let config = golden_config_json();
+    // Qwen2's and Qwen3's (whose q_norm and k_norm start at 1 too).
+    for like in [golden_dir(), common::qwen3_dir()].map(|dir| dir.join("config.json")) {
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(&like).unwrap()).unwrap();
+        check_initialisation(&like, &config);
+    }
+}
+
+fn check_initialisation(like: &Path, config: &Value) {
     let std = config["initializer_range"]
         .as_f64()
         .unwrap_or(DEFAULT_INITIALIZER_RANGE);
     let out = tempfile::tempdir().unwrap();
-    init_model_folder(&golden_dir().join("config.json"), out.path(), 1, None).unwrap();
-    for (name, tensor) in stored(out.path()) {
+    init_model_folder(like, out.path(), 1, None).unwrap();
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(&written, config, "config.json is written as given");
+    let tensors = stored(out.path());
+    assert_eq!(
+        tensors.len(),
+        resolve(out.path()).config.parameter_shapes().len()
+    );
+    for (name, tensor) in tensors {
         let (sample_std, mean) = std_and_mean(&tensor);
         if name.ends_with("norm.weight") {
             assert_eq!((sample_std, mean), (0.0, 1.0), "{name}: norms start at 1");
@@ -165,11 +181,27 @@ fn pad_row_is_zero_and_dtype_follows_the_config() {
 
 #[test]
 fn config_json_and_random_model_give_any_shape() {
-    let mut shape = resolve(&golden_dir()).config;
-    shape.num_hidden_layers = 3;
-    shape.head_dim = 8; // not hidden_size / num_attention_heads
+    let qwen3 = resolve(&common::qwen3_dir()).config;
+    assert_eq!(qwen3.family, ModelFamily::Qwen3);
+    for (base, attention_bias) in [
+        (resolve(&golden_dir()).config, false),
+        (qwen3.clone(), false),
+        (qwen3, true),
+    ] {
+        let mut shape = base;
+        shape.num_hidden_layers = 3;
+        shape.head_dim = 8; // not hidden_size / num_attention_heads
+        shape.attention_bias = attention_bias;
+        check_any_shape(shape);
+    }
+}
+
+fn check_any_shape(shape: Qwen2Config) {
+    let json = config_json(&shape);
+    assert_eq!(json["model_type"], shape.family.model_type());
+    assert_eq!(json["architectures"][0], shape.family.architecture());
     let out = tempfile::tempdir().unwrap();
-    write_random_checkpoint(&config_json(&shape), "shape", out.path(), 0).unwrap();
+    write_random_checkpoint(&json, "shape", out.path(), 0).unwrap();
     let files = resolve(out.path());
     assert_eq!(files.config, shape);
 

@@ -6,73 +6,27 @@ mod common;
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use grpo::model::{
-    completion_logprobs, grouped_completion_logprobs, position_ids_from_mask, token_logprobs,
-    GroupedBatch, KvCache, ModelFiles, Qwen2,
-};
+use grpo::model::{completion_logprobs, position_ids_from_mask, token_logprobs, ModelFiles, Qwen2};
 
-use common::{cases, golden_dir, golden_forward_hidden, max_abs_diff, tensors};
+use common::{
+    assert_same_gradient, cases, golden_dir, golden_forward_hidden, load_model, loss_weights,
+    max_abs_diff, tensors,
+};
 
 fn files(dir: &Path) -> ModelFiles {
     ModelFiles::resolve(dir.to_str().expect("utf-8 path"), "main").expect("golden model resolves")
 }
 
 fn policy() -> Qwen2 {
-    Qwen2::load_policy(&files(&golden_dir()), &Device::Cpu).expect("policy loads")
+    load_model(&golden_dir(), true)
 }
 
 fn reference() -> Qwen2 {
-    Qwen2::load_reference(&files(&golden_dir().join("ref_model")), &Device::Cpu)
-        .expect("reference loads")
+    load_model(&golden_dir().join("ref_model"), false)
 }
 
 fn usize_of(value: &serde_json::Value) -> usize {
     value.as_u64().expect("non-negative integer") as usize
-}
-
-/// Max |a - b| over the entries where `mask` (same leading shape) is 1.
-fn masked_max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
-    let mut mask = mask.to_dtype(DType::F64).unwrap();
-    while mask.rank() < a.rank() {
-        mask = mask.unsqueeze(D::Minus1).unwrap();
-    }
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .broadcast_mul(&mask)
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .broadcast_mul(&mask)
-        .unwrap();
-    max_abs_diff(&a, &b)
-}
-
-/// Deterministic, varied loss weights (sin of the flat index), so gradient tests cannot be flaky.
-fn loss_weights(shape: &candle_core::Shape) -> Tensor {
-    Tensor::arange(0f32, shape.elem_count() as f32, &Device::Cpu)
-        .unwrap()
-        .sin()
-        .unwrap()
-        .reshape(shape)
-        .unwrap()
-}
-
-/// Two gradients of one parameter agree up to summation order: relative to the gradient's scale.
-fn assert_same_gradient(name: &str, a: &Tensor, b: &Tensor) {
-    let scale = a
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let diff = max_abs_diff(a, b);
-    assert!(
-        diff <= 1e-5 * scale.max(1.0),
-        "{name}: gradients differ by {diff} (scale {scale})"
-    );
 }
 
 #[test]
@@ -363,91 +317,13 @@ fn fully_masked_row_stays_finite() {
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
     let t = tensors();
-    let model = policy();
-    let ids = &t["forward.input_ids"];
-    let mask = &t["forward.attention_mask"];
-    let positions = &t["forward.position_ids"];
-    let (rows, width) = ids.dims2().unwrap();
-    let full = model.forward(ids, positions, mask, None).unwrap();
-
-    let prefill = width / 2;
-    let mut cache = KvCache::new(model.config(), rows, width, &Device::Cpu).unwrap();
-    let first = model
-        .forward(
-            &ids.narrow(1, 0, prefill).unwrap(),
-            &positions.narrow(1, 0, prefill).unwrap(),
-            &mask.narrow(1, 0, prefill).unwrap(),
-            Some(&mut cache),
-        )
-        .unwrap();
-    let mut pieces = vec![first];
-    for step in prefill..width {
-        pieces.push(
-            model
-                .forward(
-                    &ids.narrow(1, step, 1).unwrap(),
-                    &positions.narrow(1, step, 1).unwrap(),
-                    &mask.narrow(1, 0, step + 1).unwrap(),
-                    Some(&mut cache),
-                )
-                .unwrap(),
-        );
-    }
-    assert_eq!(cache.len(), width);
-    let decoded = Tensor::cat(&pieces, 1).unwrap();
-    let diff = masked_max_diff(&decoded, &full, mask);
-    assert!(
-        diff < 1e-4,
-        "cached decoding differs from the full forward by {diff}"
+    common::assert_kv_cache_decoding_matches_full_forward(
+        &policy(),
+        &t["forward.input_ids"],
+        &t["forward.position_ids"],
+        &t["forward.attention_mask"],
+        1e-4,
     );
-
-    // Prefill once, expand to G rows per prompt, decode one more token per row.
-    let group = 3;
-    let mut cache = KvCache::new(model.config(), rows, width + 1, &Device::Cpu).unwrap();
-    model
-        .forward(ids, positions, mask, Some(&mut cache))
-        .unwrap();
-    let mut cache = cache.repeat_rows(group).unwrap();
-    assert_eq!((cache.batch(), cache.len()), (rows * group, width));
-    let expand = Tensor::new(
-        (0..rows as u32)
-            .flat_map(|r| std::iter::repeat_n(r, group))
-            .collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let next_ids = ids
-        .narrow(1, width - 1, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .index_select(&expand, 0)
-        .unwrap();
-    let next_positions = (positions.narrow(1, width - 1, 1).unwrap() + 1.0)
-        .unwrap()
-        .index_select(&expand, 0)
-        .unwrap();
-    let ones = Tensor::ones((rows, 1), mask.dtype(), &Device::Cpu).unwrap();
-    let key_mask = Tensor::cat(&[mask, &ones], 1).unwrap();
-    let step = model
-        .forward(
-            &next_ids,
-            &next_positions,
-            &key_mask.index_select(&expand, 0).unwrap(),
-            Some(&mut cache),
-        )
-        .unwrap();
-    let extended_ids = Tensor::cat(&[ids, &ids.narrow(1, width - 1, 1).unwrap()], 1).unwrap();
-    let whole = model.forward_masked(&extended_ids, &key_mask).unwrap();
-    let expected = whole
-        .narrow(1, width, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .index_select(&expand, 0)
-        .unwrap();
-    let diff = max_abs_diff(&step, &expected);
-    assert!(diff < 1e-4, "decoding after repeat_rows differs by {diff}");
 }
 
 #[test]
@@ -462,69 +338,7 @@ fn position_ids_follow_the_mask() {
 
 #[test]
 fn grouped_forward_matches_plain_forward() {
-    let (ids, mask, prompt_len, temperature, group) = grpo_batch();
-    let (rows, width) = ids.dims2().unwrap();
-    let completion_len = width - prompt_len;
-    let firsts = Tensor::new(
-        (0..(rows / group) as u32)
-            .map(|r| r * group as u32)
-            .collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let prompt_ids = ids
-        .narrow(1, 0, prompt_len)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .index_select(&firsts, 0)
-        .unwrap();
-    let prompt_mask = mask
-        .narrow(1, 0, prompt_len)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .index_select(&firsts, 0)
-        .unwrap();
-    let completion_ids = ids.narrow(1, prompt_len, completion_len).unwrap();
-    let completion_mask = mask.narrow(1, prompt_len, completion_len).unwrap();
-
-    let model = policy();
-    let plain = completion_logprobs(&model, &ids, &mask, prompt_len, temperature, true).unwrap();
-    let batch = GroupedBatch {
-        prompt_ids: &prompt_ids,
-        prompt_mask: &prompt_mask,
-        completion_ids: &completion_ids,
-        completion_mask: &completion_mask,
-        group_size: group,
-    };
-    let grouped = grouped_completion_logprobs(&model, &batch, temperature, true).unwrap();
-    let diff = max_abs_diff(&plain.logprobs, &grouped.logprobs);
-    assert!(diff < 1e-5, "log-probs differ by {diff}");
-    let diff = max_abs_diff(&plain.entropy.unwrap(), &grouped.entropy.unwrap());
-    assert!(diff < 1e-5, "entropies differ by {diff}");
-
-    // Same gradients for a loss weighting each token differently.
-    let weights = loss_weights(plain.logprobs.shape());
-    let plain_grads = (&plain.logprobs * &weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let grouped_grads = (&grouped.logprobs * &weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, var) in model.named_parameters() {
-        let a = plain_grads.get(var.as_tensor()).unwrap();
-        let b = grouped_grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no grad"));
-        assert_same_gradient(name, a, b);
-    }
+    common::assert_grouped_forward_matches_plain_forward(&policy());
 }
 
 /// A copy of the golden checkpoint in a temp folder, its tensors rewritten by `edit` and its

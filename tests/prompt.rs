@@ -406,3 +406,86 @@ fn tokenizer_and_prompter_can_be_shared_across_threads() {
     assert_send_sync::<ChatTokenizer>();
     assert_send_sync::<Prompter>();
 }
+
+#[test]
+fn chat_template_kwargs_are_template_variables_that_override_special_tokens() {
+    let eos = string(&meta_token("eos_token"));
+    let config = json!({
+        "eos_token": eos,
+        "chat_template": "{{ eos_token }}|{{ depth }}|{{ flags | tojson }}|{{ messages[0].content }}",
+    });
+    let dir = folder_with_config(&config);
+    let tokenizer = Arc::new(ChatTokenizer::from_dir(dir.path()).unwrap());
+    let question = [Message::user("q")];
+    let kwargs = |value: Value| value.as_object().unwrap().clone();
+    // apply_chat_template(..., depth=2, flags={"a": [True, None]}) in transformers.
+    let given = kwargs(json!({"depth": 2, "flags": {"a": [true, null]}}));
+    assert_eq!(
+        tokenizer
+            .render_with_kwargs(&question, true, &given)
+            .unwrap(),
+        format!("{eos}|2|{{\"a\": [true, null]}}|q")
+    );
+    // {**special_tokens_map, **kwargs}: a kwarg wins over the special token of its name.
+    let overriding = kwargs(json!({"eos_token": "E", "depth": 1, "flags": []}));
+    assert_eq!(
+        tokenizer
+            .render_with_kwargs(&question, true, &overriding)
+            .unwrap(),
+        "E|1|[]|q"
+    );
+    // The prompter passes them to every prompt.
+    let prompter = Prompter::new(tokenizer.clone(), None, usize::MAX)
+        .unwrap()
+        .with_chat_template_kwargs(given.clone())
+        .unwrap();
+    let text = tokenizer
+        .render_with_kwargs(&question, true, &given)
+        .unwrap();
+    assert_eq!(
+        prompter.prompt_ids("q").unwrap(),
+        tokenizer.encode(&text).unwrap()
+    );
+
+    for reserved in grpo::prompt::RESERVED_TEMPLATE_VARIABLES {
+        let bad = kwargs(json!({ reserved: 1 }));
+        let error = tokenizer
+            .render_with_kwargs(&question, true, &bad)
+            .unwrap_err();
+        assert!(format!("{error:#}").contains(reserved), "{error:#}");
+        let error = Prompter::new(tokenizer.clone(), None, usize::MAX)
+            .unwrap()
+            .with_chat_template_kwargs(bad)
+            .err()
+            .expect("a reserved name is refused");
+        assert!(format!("{error:#}").contains(reserved), "{error:#}");
+    }
+}
+
+/// Qwen3's template on conversations a `[system, user]` prompt does not exercise (assistant
+/// turns holding `<think>` blocks, tool turns found by its reversed loop and namespace, a late
+/// system message, `enable_thinking`), against transformers' renderings
+/// (`tests/fixtures/chat_templates/make_qwen3_chat.py`, with the tokenizer of the Qwen3 fixture).
+#[test]
+fn qwen3_template_renders_every_turn_kind_like_transformers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tokenizer = ChatTokenizer::from_dir(&root.join("golden/qwen3")).unwrap();
+    let text = fs::read_to_string(root.join("chat_templates/qwen3_chat.json")).unwrap();
+    let fixture: Value = serde_json::from_str(&text).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let name = format!("{} {}", case["name"], case["kwargs"]);
+        let kwargs = case["kwargs"].as_object().unwrap();
+        let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+        let rendered = tokenizer
+            .render_with_kwargs(&messages(&case["messages"]), add_generation_prompt, kwargs)
+            .unwrap();
+        assert_eq!(rendered, string(&case["text"]), "text of {name}");
+        assert_eq!(
+            tokenizer.encode(&rendered).unwrap(),
+            u32s(&case["ids"]),
+            "ids of {name}"
+        );
+    }
+}

@@ -1,6 +1,7 @@
-//! Finding and reading a Qwen2 checkpoint: `config.json`, safetensors weights (single file or
-//! sharded through `model.safetensors.index.json`), `generation_config.json` and the paths of the
-//! tokenizer files, from a local folder or a hub repo.
+//! Finding and reading a Qwen2 / Qwen2.5 or Qwen3 checkpoint: `config.json` (the family from its
+//! `model_type` or `architectures`), safetensors weights (single file or sharded through
+//! `model.safetensors.index.json`, any float dtype, read into f32), `generation_config.json` and
+//! the paths of the tokenizer files, from a local folder or a hub repo.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -11,27 +12,127 @@ use serde::Deserialize;
 
 use crate::hub::{is_inside, HubRepo, RepoKind};
 
-/// The Qwen2 hyper-parameters the forward pass needs, read from `config.json`.
+/// The decoder families this crate runs: transformers' `Qwen2ForCausalLM` (Qwen2, Qwen2.5) and
+/// `Qwen3ForCausalLM` (the dense Qwen3 models). They are one architecture with three
+/// differences, which [`Qwen2Config`] turns into flags: Qwen3 normalises every query and key
+/// head (`q_norm`, `k_norm`) before the rotary embeddings, takes its projection biases from
+/// `attention_bias` (Qwen2 always has q/k/v biases and no o_proj bias), and defaults `head_dim`
+/// to 128 rather than `hidden_size / num_attention_heads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    Qwen2,
+    Qwen3,
+}
+
+impl ModelFamily {
+    /// Every supported family.
+    pub const ALL: [ModelFamily; 2] = [ModelFamily::Qwen2, ModelFamily::Qwen3];
+
+    /// The `model_type` of its `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            ModelFamily::Qwen2 => "qwen2",
+            ModelFamily::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The transformers class of its causal LM (`architectures` in `config.json`).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            ModelFamily::Qwen2 => "Qwen2ForCausalLM",
+            ModelFamily::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    fn with_model_type(model_type: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|family| family.model_type() == model_type)
+    }
+
+    fn with_architecture(architecture: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|family| family.architecture() == architecture)
+    }
+}
+
+/// The family `config.json` names: its `model_type` (what transformers' Auto classes go by),
+/// checked against its `architectures`; Qwen2 when it names neither (older hand-written
+/// configs). An unsupported or contradictory name is an error naming it.
+fn family(raw: &RawConfig, origin: &str) -> Result<ModelFamily> {
+    let by_type = match raw.model_type.as_deref() {
+        None => None,
+        Some(model_type) => Some(ModelFamily::with_model_type(model_type).with_context(|| {
+            format!(
+                "{origin}: model_type {model_type:?} is not supported; grpo runs the model types \
+                 {}",
+                supported_families()
+            )
+        })?),
+    };
+    let mut by_architecture = None;
+    for architecture in raw.architectures.iter().flatten() {
+        let family = ModelFamily::with_architecture(architecture).with_context(|| {
+            format!(
+                "{origin}: architectures names {architecture:?}, which is not supported; grpo \
+                 runs the causal LMs {}",
+                supported_families()
+            )
+        })?;
+        by_architecture.get_or_insert(family);
+    }
+    match (by_type, by_architecture) {
+        (Some(by_type), Some(by_architecture)) if by_type != by_architecture => bail!(
+            "{origin}: model_type {:?} contradicts architectures {:?} (a {} model is a {}); \
+             fix config.json",
+            by_type.model_type(),
+            raw.architectures.as_deref().unwrap_or_default(),
+            by_type.model_type(),
+            by_type.architecture()
+        ),
+        (by_type, by_architecture) => Ok(by_type.or(by_architecture).unwrap_or(ModelFamily::Qwen2)),
+    }
+}
+
+/// `"qwen2" (Qwen2ForCausalLM), "qwen3" (Qwen3ForCausalLM)`, for messages.
+fn supported_families() -> String {
+    ModelFamily::ALL
+        .iter()
+        .map(|family| format!("{:?} ({})", family.model_type(), family.architecture()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The hyper-parameters the forward pass needs, read from `config.json`, for either
+/// [`ModelFamily`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2Config {
+    pub family: ModelFamily,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
-    /// `hidden_size / num_attention_heads` unless `config.json` sets `head_dim`.
+    /// `config.json`'s `head_dim`; when absent, `hidden_size / num_attention_heads` for Qwen2
+    /// and 128 for Qwen3 (transformers' defaults).
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
     /// No `lm_head.weight`: the output projection is `model.embed_tokens.weight`.
     pub tie_word_embeddings: bool,
+    /// `config.json`'s `attention_bias` (default false): Qwen3's q/k/v/o projections have
+    /// biases when set; Qwen2 ignores it, as transformers does (see [`Qwen2Config::qkv_bias`]).
+    pub attention_bias: bool,
 }
 
 /// `config.json` as written by transformers (only the fields we use).
 #[derive(Debug, Deserialize)]
 struct RawConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -42,20 +143,38 @@ struct RawConfig {
     #[serde(default = "default_max_position_embeddings")]
     max_position_embeddings: usize,
     rope_theta: Option<f64>,
+    /// transformers 5's form of the RoPE settings.
     rope_parameters: Option<RopeParameters>,
+    /// transformers 4's form of the RoPE scaling (null for default RoPE).
+    rope_scaling: Option<RopeParameters>,
     #[serde(default = "default_rms_norm_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
     tie_word_embeddings: bool,
+    attention_bias: Option<bool>,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
     eos_token_id: Option<TokenIds>,
-    model_type: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct RopeParameters {
     rope_theta: Option<f64>,
     rope_type: Option<String>,
+    /// transformers 4's older name of `rope_type`.
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
 }
+
+impl RopeParameters {
+    fn rope_type(&self) -> Option<&str> {
+        self.rope_type.as_deref().or(self.legacy_type.as_deref())
+    }
+}
+
+/// Qwen3's `head_dim` when `config.json` has none (`Qwen3Config.head_dim`).
+const QWEN3_DEFAULT_HEAD_DIM: usize = 128;
 
 fn default_max_position_embeddings() -> usize {
     32768
@@ -99,18 +218,36 @@ impl Qwen2Config {
     }
 
     fn from_raw(raw: RawConfig, origin: &str) -> Result<(Self, Vec<u32>)> {
-        if let Some(model_type) = &raw.model_type {
-            if model_type != "qwen2" {
-                tracing::warn!("{origin}: model_type is {model_type:?}, loading it as qwen2");
-            }
+        let family = family(&raw, origin)?;
+        if let Some(activation) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
+            bail!(
+                "{origin}: hidden_act {activation:?} is not supported (Qwen models use \"silu\")"
+            );
         }
-        if let Some(rope_type) = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_type.as_ref())
-        {
-            if rope_type != "default" {
-                bail!("{origin}: rope_type {rope_type:?} is not supported (only \"default\" RoPE)");
+        let sliding_layer = raw
+            .layer_types
+            .iter()
+            .flatten()
+            .any(|t| t != "full_attention");
+        if raw.use_sliding_window == Some(true) || sliding_layer {
+            bail!(
+                "{origin}: sliding-window attention (use_sliding_window = true or a \
+                 \"sliding_attention\" layer type) is not supported; set use_sliding_window to \
+                 false (the Qwen2.5 and Qwen3 releases do)"
+            );
+        }
+        for (key, rope) in [
+            ("rope_parameters", &raw.rope_parameters),
+            ("rope_scaling", &raw.rope_scaling),
+        ] {
+            if let Some(rope_type) = rope.as_ref().and_then(RopeParameters::rope_type) {
+                if rope_type != "default" {
+                    bail!(
+                        "{origin}: {key} asks for rope_type {rope_type:?}, which is not \
+                         supported (only \"default\" RoPE; remove the scaling to train at the \
+                         native context length)"
+                    );
+                }
             }
         }
         let rope_theta = raw
@@ -130,6 +267,7 @@ impl Qwen2Config {
         }
         let head_dim = match raw.head_dim {
             Some(head_dim) => head_dim,
+            None if family == ModelFamily::Qwen3 => QWEN3_DEFAULT_HEAD_DIM,
             None if raw.hidden_size % raw.num_attention_heads == 0 => {
                 raw.hidden_size / raw.num_attention_heads
             }
@@ -144,6 +282,7 @@ impl Qwen2Config {
             bail!("{origin}: head_dim {head_dim} must be even for rotary embeddings");
         }
         let config = Qwen2Config {
+            family,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -155,28 +294,55 @@ impl Qwen2Config {
             rope_theta,
             rms_norm_eps: raw.rms_norm_eps,
             tie_word_embeddings: raw.tie_word_embeddings,
+            attention_bias: raw.attention_bias.unwrap_or(false),
         };
         let eos = raw.eos_token_id.map(TokenIds::into_vec).unwrap_or_default();
         Ok((config, eos))
+    }
+
+    /// Whether the q/k/v projections have biases: always for Qwen2, `attention_bias` for Qwen3.
+    pub fn qkv_bias(&self) -> bool {
+        match self.family {
+            ModelFamily::Qwen2 => true,
+            ModelFamily::Qwen3 => self.attention_bias,
+        }
+    }
+
+    /// Whether the output projection has a bias: never for Qwen2, `attention_bias` for Qwen3.
+    pub fn o_proj_bias(&self) -> bool {
+        self.family == ModelFamily::Qwen3 && self.attention_bias
+    }
+
+    /// Whether queries and keys get a per-head RMSNorm (`q_norm`, `k_norm`): Qwen3.
+    pub fn qk_norm(&self) -> bool {
+        self.family == ModelFamily::Qwen3
     }
 
     /// Every parameter name and shape in transformers' `named_parameters()` order (a tied
     /// `lm_head` is not listed).
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let q = self.num_attention_heads * self.head_dim;
+        let (d, q) = (self.head_dim, self.num_attention_heads * self.head_dim);
         let kv = self.num_key_value_heads * self.head_dim;
         let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
         for layer in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{layer}.self_attn");
+            let mut projection = |name: &str, out: usize, input: usize, bias: bool| {
+                shapes.push((format!("{p}.{name}.weight"), vec![out, input]));
+                if bias {
+                    shapes.push((format!("{p}.{name}.bias"), vec![out]));
+                }
+            };
+            projection("q_proj", q, h, self.qkv_bias());
+            projection("k_proj", kv, h, self.qkv_bias());
+            projection("v_proj", kv, h, self.qkv_bias());
+            projection("o_proj", h, q, self.o_proj_bias());
+            if self.qk_norm() {
+                shapes.push((format!("{p}.q_norm.weight"), vec![d]));
+                shapes.push((format!("{p}.k_norm.weight"), vec![d]));
+            }
             let p = format!("model.layers.{layer}");
             shapes.extend([
-                (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
-                (format!("{p}.self_attn.q_proj.bias"), vec![q]),
-                (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
-                (format!("{p}.self_attn.k_proj.bias"), vec![kv]),
-                (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
-                (format!("{p}.self_attn.v_proj.bias"), vec![kv]),
-                (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
                 (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
                 (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
                 (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
@@ -361,33 +527,45 @@ impl ModelFiles {
     }
 
     /// Reads every parameter named by the config as f32 on `device` (bf16/f16 checkpoints are
-    /// converted), checking names and shapes. Returned in `named_parameters()` order.
+    /// converted one shard at a time, so the stored copy of only one shard is held besides the
+    /// f32 weights), checking names and shapes. Returned in `named_parameters()` order.
     pub fn load_parameters(&self, device: &Device) -> Result<Vec<(String, Tensor)>> {
-        let mut stored: HashMap<String, Tensor> = HashMap::new();
+        let shapes = self.config.parameter_shapes();
+        let mut loaded: HashMap<String, Tensor> = HashMap::with_capacity(shapes.len());
+        let wanted: HashMap<&str, &[usize]> = shapes
+            .iter()
+            .map(|(name, shape)| (name.as_str(), shape.as_slice()))
+            .collect();
         for path in &self.weights {
             let tensors = candle_core::safetensors::load(path, &Device::Cpu)
                 .with_context(|| format!("reading safetensors {}", path.display()))?;
-            stored.extend(tensors);
+            for (name, tensor) in tensors {
+                let Some(&shape) = wanted.get(name.as_str()) else {
+                    continue;
+                };
+                if tensor.dims() != shape {
+                    bail!(
+                        "model {:?}: tensor {name} in {} has shape {:?}, config.json implies \
+                         {shape:?}",
+                        self.source,
+                        path.display(),
+                        tensor.dims()
+                    );
+                }
+                let tensor = tensor.to_dtype(DType::F32)?.to_device(device)?;
+                loaded.insert(name, tensor);
+            }
         }
-        self.config
-            .parameter_shapes()
+        shapes
             .into_iter()
             .map(|(name, shape)| {
-                let tensor = stored.remove(&name).with_context(|| {
+                let tensor = loaded.remove(&name).with_context(|| {
                     format!(
                         "model {:?}: tensor {name} (shape {shape:?}) is missing from {}",
                         self.source,
                         display_paths(&self.weights)
                     )
                 })?;
-                if tensor.dims() != shape.as_slice() {
-                    bail!(
-                        "model {:?}: tensor {name} has shape {:?}, config.json implies {shape:?}",
-                        self.source,
-                        tensor.dims()
-                    );
-                }
-                let tensor = tensor.to_dtype(DType::F32)?.to_device(device)?;
                 Ok((name, tensor))
             })
             .collect()

@@ -1,6 +1,9 @@
-//! Our Qwen2 decoder (`Qwen2ForCausalLM` semantics of transformers' `modeling_qwen2.py`),
-//! differentiable end to end, for batched left-padded prompts, with an optional KV cache for
-//! sampling and a grouped forward that shares each prompt's pass among its G completions.
+//! Our Qwen decoder: transformers' `Qwen2ForCausalLM` (`modeling_qwen2.py`, Qwen2 and Qwen2.5)
+//! and `Qwen3ForCausalLM` (`modeling_qwen3.py`) in one implementation, their differences read
+//! from the config ([`Qwen2Config::qkv_bias`], [`Qwen2Config::o_proj_bias`],
+//! [`Qwen2Config::qk_norm`], `head_dim`); differentiable end to end, for batched left-padded
+//! prompts, with an optional KV cache for sampling and a grouped forward that shares each
+//! prompt's pass among its G completions.
 //!
 //! # Inputs
 //! * `input_ids` `[b, t]` (`u32` or `i64`), `position_ids` `[b, t]` (any integer dtype; for a
@@ -54,13 +57,18 @@ use super::ops::{
     rms_norm, rope_tables, split_heads, swiglu,
 };
 
+/// A projection's weight and its bias, when it has one.
+type Projection = (Tensor, Option<Tensor>);
+
 /// Weights of one decoder layer.
 #[derive(Clone)]
 struct DecoderLayer {
-    q_proj: (Tensor, Tensor),
-    k_proj: (Tensor, Tensor),
-    v_proj: (Tensor, Tensor),
-    o_proj: Tensor,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
+    /// Qwen3's per-head RMSNorm weights `[head_dim]` of queries and keys.
+    qk_norm: Option<(Tensor, Tensor)>,
     gate_proj: Tensor,
     up_proj: Tensor,
     down_proj: Tensor,
@@ -69,21 +77,25 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// This layer with `matrix` applied to every weight matrix and bias, `norm` to the two
-    /// norm weights.
+    /// This layer with `matrix` applied to every weight matrix and bias, `norm` to the norm
+    /// weights.
     fn map(
         &self,
         matrix: impl Fn(&Tensor) -> Result<Tensor>,
         norm: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Self> {
-        let pair = |(w, b): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
-            Ok((matrix(w)?, matrix(b)?))
+        let projection = |(w, b): &Projection| -> Result<Projection> {
+            Ok((matrix(w)?, b.as_ref().map(&matrix).transpose()?))
         };
         Ok(DecoderLayer {
-            q_proj: pair(&self.q_proj)?,
-            k_proj: pair(&self.k_proj)?,
-            v_proj: pair(&self.v_proj)?,
-            o_proj: matrix(&self.o_proj)?,
+            q_proj: projection(&self.q_proj)?,
+            k_proj: projection(&self.k_proj)?,
+            v_proj: projection(&self.v_proj)?,
+            o_proj: projection(&self.o_proj)?,
+            qk_norm: match &self.qk_norm {
+                Some((q, k)) => Some((norm(q)?, norm(k)?)),
+                None => None,
+            },
             gate_proj: matrix(&self.gate_proj)?,
             up_proj: matrix(&self.up_proj)?,
             down_proj: matrix(&self.down_proj)?,
@@ -118,7 +130,7 @@ pub struct GroupedBatch<'a> {
     pub group_size: usize,
 }
 
-/// A Qwen2 causal language model.
+/// A Qwen2, Qwen2.5 or Qwen3 causal language model (the family is the config's).
 pub struct Qwen2 {
     config: Qwen2Config,
     embed_tokens: Tensor,
@@ -268,23 +280,25 @@ impl Qwen2 {
             }
         }
         let take = |name: &str| -> Tensor { by_name[name].clone() };
+        let projection = |name: String, bias: bool| -> Projection {
+            let weight = take(&format!("{name}.weight"));
+            (weight, bias.then(|| take(&format!("{name}.bias"))))
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
+                let qkv_bias = config.qkv_bias();
                 DecoderLayer {
-                    q_proj: (
-                        take(&format!("{p}.self_attn.q_proj.weight")),
-                        take(&format!("{p}.self_attn.q_proj.bias")),
-                    ),
-                    k_proj: (
-                        take(&format!("{p}.self_attn.k_proj.weight")),
-                        take(&format!("{p}.self_attn.k_proj.bias")),
-                    ),
-                    v_proj: (
-                        take(&format!("{p}.self_attn.v_proj.weight")),
-                        take(&format!("{p}.self_attn.v_proj.bias")),
-                    ),
-                    o_proj: take(&format!("{p}.self_attn.o_proj.weight")),
+                    q_proj: projection(format!("{p}.self_attn.q_proj"), qkv_bias),
+                    k_proj: projection(format!("{p}.self_attn.k_proj"), qkv_bias),
+                    v_proj: projection(format!("{p}.self_attn.v_proj"), qkv_bias),
+                    o_proj: projection(format!("{p}.self_attn.o_proj"), config.o_proj_bias()),
+                    qk_norm: config.qk_norm().then(|| {
+                        (
+                            take(&format!("{p}.self_attn.q_norm.weight")),
+                            take(&format!("{p}.self_attn.k_norm.weight")),
+                        )
+                    }),
                     gate_proj: take(&format!("{p}.mlp.gate_proj.weight")),
                     up_proj: take(&format!("{p}.mlp.up_proj.weight")),
                     down_proj: take(&format!("{p}.mlp.down_proj.weight")),
@@ -542,23 +556,34 @@ impl Qwen2 {
             .reshape((b, t, self.config.hidden_size))
     }
 
-    /// RMSNorm of the f32 residual `x` in f32, then cast to the compute dtype for the matmuls.
+    /// RMSNorm of `x` (the f32 residual, or query/key heads) in f32, then cast to the compute
+    /// dtype for the matmuls.
     fn norm_for_matmul(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        rms_norm(x, weight, self.config.rms_norm_eps)?.to_dtype(self.compute_dtype)
+        rms_norm(&x.to_dtype(DType::F32)?, weight, self.config.rms_norm_eps)?
+            .to_dtype(self.compute_dtype)
     }
 
     /// Projects `x` `[b, t, h]` (input norm applied here) to rotated query/key heads and value
-    /// heads, in the compute dtype; `layer` is already in the compute dtype.
+    /// heads, in the compute dtype; `layer` is already in the compute dtype. Qwen3 normalises
+    /// each query and key head (in f32, like the other norms) before the rotation.
     fn heads(&self, layer: &DecoderLayer, x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Heads> {
         let c = &self.config;
         let h = self.norm_for_matmul(x, &layer.input_layernorm)?;
-        let split = |(w, bias): &(Tensor, Tensor), heads: usize| -> Result<Tensor> {
-            split_heads(&linear(&h, w, Some(bias))?, heads)
+        let split = |(w, bias): &Projection, heads: usize| -> Result<Tensor> {
+            split_heads(&linear(&h, w, bias.as_ref())?, heads)
         };
+        let (mut q, mut k) = (
+            split(&layer.q_proj, c.num_attention_heads)?,
+            split(&layer.k_proj, c.num_key_value_heads)?,
+        );
+        if let Some((q_norm, k_norm)) = &layer.qk_norm {
+            q = self.norm_for_matmul(&q, q_norm)?;
+            k = self.norm_for_matmul(&k, k_norm)?;
+        }
         let cos = rope.0.to_dtype(self.compute_dtype)?;
         let sin = rope.1.to_dtype(self.compute_dtype)?;
-        let q = apply_rope(&split(&layer.q_proj, c.num_attention_heads)?, &cos, &sin)?;
-        let k = apply_rope(&split(&layer.k_proj, c.num_key_value_heads)?, &cos, &sin)?;
+        let q = apply_rope(&q, &cos, &sin)?;
+        let k = apply_rope(&k, &cos, &sin)?;
         let v = split(&layer.v_proj, c.num_key_value_heads)?;
         Ok(Heads { q, k, v })
     }
@@ -585,7 +610,8 @@ impl Qwen2 {
     /// f32).
     fn finish_layer(&self, layer: &DecoderLayer, x: &Tensor, attended: &Tensor) -> Result<Tensor> {
         let attended = merge_heads(attended)?;
-        let x = (x + linear(&attended, &layer.o_proj, None)?.to_dtype(DType::F32)?)?;
+        let (o_weight, o_bias) = &layer.o_proj;
+        let x = (x + linear(&attended, o_weight, o_bias.as_ref())?.to_dtype(DType::F32)?)?;
         let h = self.norm_for_matmul(&x, &layer.post_attention_layernorm)?;
         let gate = linear(&h, &layer.gate_proj, None)?;
         let up = linear(&h, &layer.up_proj, None)?;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::Value;
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 use tokenizers::Tokenizer;
 
 use super::template::ChatTemplate;
@@ -98,6 +98,17 @@ impl ChatTokenizer {
 
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_kwargs(messages, add_generation_prompt, &Map::new())
+    }
+
+    /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=..., **kwargs)`:
+    /// `kwargs` become template variables (e.g. `{"enable_thinking": false}` for Qwen3).
+    pub fn render_with_kwargs(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        kwargs: &Map<String, Json>,
+    ) -> Result<String> {
         let messages: Value = messages
             .iter()
             .map(|message| {
@@ -107,7 +118,8 @@ impl ChatTokenizer {
                 ])
             })
             .collect();
-        self.template.render(messages, add_generation_prompt)
+        self.template
+            .render(messages, add_generation_prompt, kwargs)
     }
 
     /// `tokenizer(text, add_special_tokens=False).input_ids`: special-token strings inside `text`

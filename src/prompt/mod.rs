@@ -1,5 +1,6 @@
-//! Prompts: a system prompt and a user question rendered with the tokenizer's own chat template,
-//! tokenised without extra special tokens, left-truncated to `max_prompt_length` (keeping the
+//! Prompts: a system prompt and a user question rendered with the tokenizer's own chat template
+//! (with TRL's `chat_template_kwargs` as extra template variables), tokenised without extra
+//! special tokens, left-truncated to `max_prompt_length` (keeping the
 //! last tokens, as TRL does) and left-padded into batches.
 //!
 //! [`ChatTokenizer`] reproduces `tokenizer.apply_chat_template(..., add_generation_prompt=True)`
@@ -15,8 +16,12 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 pub use chat_tokenizer::ChatTokenizer;
+pub use template::{
+    check_template_kwargs, reserved_template_variable, RESERVED_TEMPLATE_VARIABLES,
+};
 
 /// One chat message, as in `[{"role": "user", "content": "..."}]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +63,8 @@ pub struct Prompter {
     tokenizer: Arc<ChatTokenizer>,
     system_prompt: Option<String>,
     max_prompt_length: usize,
+    /// Extra template variables (see [`Prompter::with_chat_template_kwargs`]).
+    chat_template_kwargs: Map<String, Value>,
     truncated: AtomicUsize,
 }
 
@@ -75,7 +82,19 @@ impl Prompter {
             tokenizer,
             system_prompt,
             max_prompt_length,
+            chat_template_kwargs: Map::new(),
             truncated: AtomicUsize::new(0),
+        })
+    }
+
+    /// This prompter passing `kwargs` to the chat template as extra variables (TRL's
+    /// `chat_template_kwargs`: `apply_chat_template(..., **kwargs)`). A name that
+    /// `apply_chat_template` sets itself ([`RESERVED_TEMPLATE_VARIABLES`]) is an error.
+    pub fn with_chat_template_kwargs(self, kwargs: Map<String, Value>) -> Result<Self> {
+        check_template_kwargs(kwargs.keys())?;
+        Ok(Self {
+            chat_template_kwargs: kwargs,
+            ..self
         })
     }
 
@@ -87,7 +106,11 @@ impl Prompter {
     /// The prompt ids of `question`, keeping the LAST `max_prompt_length` tokens when longer
     /// (TRL's `prompt_ids[:, -max_prompt_length:]`). The first truncation logs a warning.
     pub fn prompt_ids(&self, question: &str) -> Result<Vec<u32>> {
-        let text = self.tokenizer.render(&self.messages(question), true)?;
+        let text = self.tokenizer.render_with_kwargs(
+            &self.messages(question),
+            true,
+            &self.chat_template_kwargs,
+        )?;
         let mut ids = self.tokenizer.encode(&text)?;
         if ids.len() > self.max_prompt_length {
             if self.truncated.fetch_add(1, Ordering::Relaxed) == 0 {

@@ -4,17 +4,62 @@
 //! transformers uses `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)` with
 //! the `loopcontrols` extension, overrides `tojson` (plain `json.dumps`, no HTML escaping) and adds
 //! the globals `raise_exception(msg)` and `strftime_now(format)`. Python string methods
-//! (`.strip()`, `.startswith()`, …) come from minijinja-contrib's `pycompat` callback.
+//! (`.strip()`, `.startswith()`, `.split()`, …) come from minijinja-contrib's `pycompat`
+//! callback. Extra template variables (TRL's `chat_template_kwargs`, e.g. Qwen3's
+//! `enable_thinking`) are passed as `apply_chat_template(..., **kwargs)` passes them.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
 
 /// The name the template is registered under (no file extension: no auto-escaping).
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// Names that `apply_chat_template` takes as its own arguments (or sets as template variables
+/// itself), so that they cannot be extra template variables: Python refuses them as duplicate
+/// keyword arguments or consumes them before the template sees them.
+pub const RESERVED_TEMPLATE_VARIABLES: [&str; 15] = [
+    "messages",
+    "conversation",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "padding",
+    "truncation",
+    "max_length",
+    "return_tensors",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+];
+
+/// The first of `names` that is one of [`RESERVED_TEMPLATE_VARIABLES`].
+pub fn reserved_template_variable<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+) -> Option<&'a str> {
+    names
+        .into_iter()
+        .map(String::as_str)
+        .find(|name| RESERVED_TEMPLATE_VARIABLES.contains(name))
+}
+
+/// Fails naming the first of `names` that is one of [`RESERVED_TEMPLATE_VARIABLES`].
+pub fn check_template_kwargs<'a>(names: impl IntoIterator<Item = &'a String>) -> Result<()> {
+    if let Some(name) = reserved_template_variable(names) {
+        bail!(
+            "chat_template_kwargs cannot set {name:?}: apply_chat_template sets it itself \
+             (reserved: {})",
+            RESERVED_TEMPLATE_VARIABLES.join(", ")
+        );
+    }
+    Ok(())
+}
 
 /// A compiled chat template plus the variables transformers always passes to it.
 pub(crate) struct ChatTemplate {
@@ -50,10 +95,21 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders `messages` (a sequence of maps) as `apply_chat_template(..., tokenize=False)` does:
-    /// the special tokens, then `messages`, `tools=None`, `documents=None`, `add_generation_prompt`.
-    pub(crate) fn render(&self, messages: Value, add_generation_prompt: bool) -> Result<String> {
-        let variables = self.special_tokens.iter().cloned().chain([
+    /// Renders `messages` (a sequence of maps) as `apply_chat_template(..., tokenize=False,
+    /// **kwargs)` does: the special tokens, then `kwargs` (which may override them), then
+    /// `messages`, `tools=None`, `documents=None`, `add_generation_prompt`. `kwargs` must not
+    /// use a [`RESERVED_TEMPLATE_VARIABLES`] name.
+    pub(crate) fn render(
+        &self,
+        messages: Value,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        check_template_kwargs(kwargs.keys())?;
+        let kwargs = kwargs
+            .iter()
+            .map(|(name, value)| (name.clone(), Value::from(Serde(value))));
+        let variables = self.special_tokens.iter().cloned().chain(kwargs).chain([
             ("messages".to_string(), messages),
             ("tools".to_string(), Value::from(())),
             ("documents".to_string(), Value::from(())),
@@ -401,7 +457,7 @@ mod tests {
 
     fn render(source: &str, value: Value) -> Result<String> {
         let template = ChatTemplate::compile(source.to_string(), "a test", Vec::new())?;
-        template.render(value, false)
+        template.render(value, false, &serde_json::Map::new())
     }
 
     #[test]

@@ -6,9 +6,11 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
+use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
+use grpo::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 
 /// The golden folder under test.
 pub fn golden_dir() -> PathBuf {
@@ -16,6 +18,22 @@ pub fn golden_dir() -> PathBuf {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden"),
     }
+}
+
+/// The golden folder's Qwen3 model and its ground truth (`$GRPO_GOLDEN_DIR/qwen3`).
+pub fn qwen3_dir() -> PathBuf {
+    golden_dir().join("qwen3")
+}
+
+/// The checkpoint folder `dir` on the CPU: trainable (every parameter a `Var`) or frozen.
+pub fn load_model(dir: &Path, trainable: bool) -> Qwen2 {
+    let files = ModelFiles::resolve(dir.to_str().expect("utf-8 path"), "main")
+        .unwrap_or_else(|e| panic!("{} resolves: {e:#}", dir.display()));
+    let model = match trainable {
+        true => Qwen2::load_policy(&files, &Device::Cpu),
+        false => Qwen2::load_reference(&files, &Device::Cpu),
+    };
+    model.unwrap_or_else(|e| panic!("{} loads: {e:#}", dir.display()))
 }
 
 /// `cases.json` of the golden folder.
@@ -202,4 +220,309 @@ pub fn assert_tensor_close(
             tolerance.bound(e[i])
         );
     }
+}
+
+/// Max |a - b| over the entries where `mask` (same leading shape) is 1.
+pub fn masked_max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    let mut mask = mask.to_dtype(DType::F64).unwrap();
+    while mask.rank() < a.rank() {
+        mask = mask.unsqueeze(D::Minus1).unwrap();
+    }
+    let masked = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .broadcast_mul(&mask)
+            .unwrap()
+    };
+    max_abs_diff(&masked(a), &masked(b))
+}
+
+/// Deterministic, varied loss weights (sin of the flat index), so gradient tests cannot be flaky.
+pub fn loss_weights(shape: &candle_core::Shape) -> Tensor {
+    Tensor::arange(0f32, shape.elem_count() as f32, &Device::Cpu)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape(shape)
+        .unwrap()
+}
+
+/// Two gradients of one parameter agree up to summation order: relative to the gradient's scale.
+pub fn assert_same_gradient(name: &str, a: &Tensor, b: &Tensor) {
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let diff = max_abs_diff(a, b);
+    assert!(
+        diff <= 1e-5 * scale.max(1.0),
+        "{name}: gradients differ by {diff} (scale {scale})"
+    );
+}
+
+/// The golden GRPO batch (`grpo.*`) as the training forward takes it: one row per distinct
+/// prompt (rows are `prompt * G + g`), the completions and their f32 mask.
+pub struct GoldenGrpoBatch {
+    pub prompt_ids: Tensor,
+    pub prompt_mask: Tensor,
+    pub completion_ids: Tensor,
+    pub completion_mask: Tensor,
+    pub group_size: usize,
+}
+
+impl GoldenGrpoBatch {
+    pub fn load() -> Self {
+        let t = tensors();
+        let group_size = cases()["grpo"]["num_generations"].as_u64().unwrap() as usize;
+        let rows = t["grpo.prompt_ids"].dim(0).unwrap();
+        let firsts = Tensor::new(
+            (0..rows as u32).step_by(group_size).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        Self {
+            prompt_ids: t["grpo.prompt_ids"].index_select(&firsts, 0).unwrap(),
+            prompt_mask: t["grpo.prompt_mask"].index_select(&firsts, 0).unwrap(),
+            completion_ids: t["grpo.completion_ids"].clone(),
+            completion_mask: t["grpo.completion_mask"].to_dtype(DType::F32).unwrap(),
+            group_size,
+        }
+    }
+
+    pub fn grouped(&self) -> GroupedBatch<'_> {
+        GroupedBatch {
+            prompt_ids: &self.prompt_ids,
+            prompt_mask: &self.prompt_mask,
+            completion_ids: &self.completion_ids,
+            completion_mask: &self.completion_mask,
+            group_size: self.group_size,
+        }
+    }
+}
+
+/// The GRPO settings of a golden loss.
+pub struct GrpoSettings {
+    pub loss_type: LossType,
+    pub temperature: f64,
+    pub beta: f64,
+    pub epsilon_low: f64,
+    pub epsilon_high: f64,
+    pub use_bias_correction_kl: bool,
+}
+
+/// What one GRPO step computes on the golden batch.
+pub struct GrpoOutcome {
+    pub loss: f32,
+    /// The gradient of every named parameter of the policy, in `named_parameters()` order.
+    pub grads: Vec<(String, Tensor)>,
+    pub policy_logps: Tensor,
+    pub ref_logps: Tensor,
+}
+
+/// The training forward (one prompt pass per group), the loss and its backward on the golden
+/// GRPO batch (`grpo.*`: its advantages, mask and `max_completion_length`), as TRL does with one
+/// iteration (old log-probs = the detached policy's).
+pub fn golden_grpo_step(policy: &Qwen2, reference: &Qwen2, settings: &GrpoSettings) -> GrpoOutcome {
+    let t = tensors();
+    let batch = GoldenGrpoBatch::load();
+    let temperature = settings.temperature;
+    let logp = grouped_completion_logprobs(policy, &batch.grouped(), temperature, false)
+        .unwrap()
+        .logprobs;
+    let ref_logp = grouped_completion_logprobs(reference, &batch.grouped(), temperature, false)
+        .unwrap()
+        .logprobs;
+    let mask = &batch.completion_mask;
+    let num_items = mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize;
+    let params = LossParams {
+        loss_type: settings.loss_type,
+        beta: settings.beta,
+        epsilon_low: settings.epsilon_low,
+        epsilon_high: settings.epsilon_high,
+        max_completion_length: cases()["grpo"]["max_completion_length"].as_u64().unwrap() as usize,
+        num_items_in_batch: num_items,
+        gradient_accumulation_steps: 1,
+        use_bias_correction_kl: settings.use_bias_correction_kl,
+    };
+    let inputs = LossInputs {
+        logp: &logp,
+        old_logp: &logp.detach(),
+        ref_logp: Some(&ref_logp),
+        advantages: &t["grpo.advantages"],
+        mask,
+    };
+    let loss = grpo_loss(&inputs, &params).unwrap().loss;
+    let grads = loss.backward().unwrap();
+    let grads = policy
+        .named_parameters()
+        .iter()
+        .map(|(name, var)| {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            (name.clone(), grad.clone())
+        })
+        .collect();
+    GrpoOutcome {
+        loss: loss.to_scalar::<f32>().unwrap(),
+        grads,
+        policy_logps: logp.detach(),
+        ref_logps: ref_logp,
+    }
+}
+
+/// Decoding `ids` `[b, t]` (with its `positions` and key `mask`) token by token with the KV
+/// cache (in the model's compute dtype), after prefilling half, gives the hidden states of the
+/// full forward within `tolerance`; and a cache prefilled once and repeated to 3 rows per
+/// sequence decodes one more token as the full forward of the extended sequences does.
+pub fn assert_kv_cache_decoding_matches_full_forward(
+    model: &Qwen2,
+    ids: &Tensor,
+    positions: &Tensor,
+    mask: &Tensor,
+    tolerance: f64,
+) {
+    let (rows, width) = ids.dims2().unwrap();
+    let full = model.forward(ids, positions, mask, None).unwrap();
+
+    let prefill = width / 2;
+    let mut cache = model.new_cache(rows, width).unwrap();
+    let first = model
+        .forward(
+            &ids.narrow(1, 0, prefill).unwrap(),
+            &positions.narrow(1, 0, prefill).unwrap(),
+            &mask.narrow(1, 0, prefill).unwrap(),
+            Some(&mut cache),
+        )
+        .unwrap();
+    let mut pieces = vec![first];
+    for step in prefill..width {
+        pieces.push(
+            model
+                .forward(
+                    &ids.narrow(1, step, 1).unwrap(),
+                    &positions.narrow(1, step, 1).unwrap(),
+                    &mask.narrow(1, 0, step + 1).unwrap(),
+                    Some(&mut cache),
+                )
+                .unwrap(),
+        );
+    }
+    assert_eq!(cache.len(), width);
+    let decoded = Tensor::cat(&pieces, 1).unwrap();
+    let diff = masked_max_diff(&decoded, &full, mask);
+    assert!(
+        diff < tolerance,
+        "cached decoding differs from the full forward by {diff}"
+    );
+
+    // Prefill once, expand to G rows per prompt, decode one more token per row.
+    let group = 3;
+    let mut cache = model.new_cache(rows, width + 1).unwrap();
+    model
+        .forward(ids, positions, mask, Some(&mut cache))
+        .unwrap();
+    let mut cache = cache.repeat_rows(group).unwrap();
+    assert_eq!((cache.batch(), cache.len()), (rows * group, width));
+    let expand = grpo::model::group_index(rows, group, &Device::Cpu).unwrap();
+    let next_ids = ids
+        .narrow(1, width - 1, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .index_select(&expand, 0)
+        .unwrap();
+    let next_positions = (positions.narrow(1, width - 1, 1).unwrap() + 1.0)
+        .unwrap()
+        .index_select(&expand, 0)
+        .unwrap();
+    let ones = Tensor::ones((rows, 1), mask.dtype(), &Device::Cpu).unwrap();
+    let key_mask = Tensor::cat(&[mask, &ones], 1).unwrap();
+    let step = model
+        .forward(
+            &next_ids,
+            &next_positions,
+            &key_mask.index_select(&expand, 0).unwrap(),
+            Some(&mut cache),
+        )
+        .unwrap();
+    let extended_ids = Tensor::cat(&[ids, &ids.narrow(1, width - 1, 1).unwrap()], 1).unwrap();
+    let whole = model.forward_masked(&extended_ids, &key_mask).unwrap();
+    let expected = whole
+        .narrow(1, width, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .index_select(&expand, 0)
+        .unwrap();
+    let diff = max_abs_diff(&step, &expected);
+    assert!(
+        diff < tolerance,
+        "decoding after repeat_rows differs by {diff}"
+    );
+}
+
+/// The grouped training forward (each prompt once for its G completions) gives the log-probs,
+/// entropies and gradients of the plain forward over the whole golden GRPO batch.
+pub fn assert_grouped_forward_matches_plain_forward(model: &Qwen2) {
+    let t = tensors();
+    let case = &cases()["grpo"];
+    let prompt_len = case["P"].as_u64().unwrap() as usize;
+    let temperature = case["temperature"].as_f64().unwrap();
+    let (ids, mask) = (&t["grpo.input_ids"], &t["grpo.attention_mask"]);
+    let plain =
+        grpo::model::completion_logprobs(model, ids, mask, prompt_len, temperature, true).unwrap();
+    let batch = GoldenGrpoBatch::load();
+    let grouped = grouped_completion_logprobs(model, &batch.grouped(), temperature, true).unwrap();
+    let diff = max_abs_diff(&plain.logprobs, &grouped.logprobs);
+    assert!(diff < 1e-5, "log-probs differ by {diff}");
+    let diff = max_abs_diff(&plain.entropy.unwrap(), &grouped.entropy.unwrap());
+    assert!(diff < 1e-5, "entropies differ by {diff}");
+
+    // Same gradients for a loss weighting each token differently.
+    let weights = loss_weights(plain.logprobs.shape());
+    let backward = |logprobs: &Tensor| {
+        (logprobs * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let (plain_grads, grouped_grads) = (backward(&plain.logprobs), backward(&grouped.logprobs));
+    for (name, var) in model.named_parameters() {
+        let grad = |grads: &candle_core::backprop::GradStore| {
+            grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"))
+                .clone()
+        };
+        assert_same_gradient(name, &grad(&plain_grads), &grad(&grouped_grads));
+    }
+}
+
+/// bf16 keeps 8 significant bits: one rounding is a relative error of at most 2^-9.
+pub const BF16_UNIT_ROUNDOFF: f64 = 1.0 / 512.0;
+
+/// Logits (and log-probs) in bf16 compute may differ from f32 by this many units of roundoff,
+/// times the largest golden logit (docs/PRECISION.md).
+pub const LOGIT_ROUNDOFFS: f64 = 16.0;
+
+/// Relative L2 error allowed for each parameter's gradient in bf16 compute.
+pub const GRADIENT_RELATIVE_ERROR: f64 = 0.05;
+
+/// The L2 norm of a tensor (as f64).
+pub fn l2(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
 }
