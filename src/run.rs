@@ -94,16 +94,8 @@ impl Run {
     ) -> Result<bool> {
         let step = self.state.global_step;
         let stopping = checkpoint::stop_requested();
-        if (self.save_steps > 0 && step % self.save_steps as u64 == 0) || stopping {
-            let dir = checkpoint::save_training(
-                &self.output_dir,
-                policy,
-                optimizer,
-                &self.state,
-                &self.model_files,
-                self.save_total_limit,
-                extra,
-            )?;
+        if self.save_due() || stopping {
+            let dir = self.save(policy, optimizer, extra)?;
             info!("saved {}", dir.display());
         }
         if stopping {
@@ -124,20 +116,10 @@ impl Run {
         error: anyhow::Error,
     ) -> anyhow::Error {
         let step = self.state.global_step;
-        let saved = self.save_steps > 0 && step % self.save_steps as u64 == 0;
-        if step == 0 || saved {
+        if step == 0 || self.save_due() {
             return error;
         }
-        let dir = checkpoint::save_training(
-            &self.output_dir,
-            policy,
-            optimizer,
-            &self.state,
-            &self.model_files,
-            self.save_total_limit,
-            &|_| Ok(()),
-        );
-        match dir {
+        match self.save(policy, optimizer, &|_| Ok(())) {
             Ok(dir) => error.context(format!(
                 "stopped after step {step}, saved in {}: remove the cause and resume with \
                  resume_from_checkpoint = true",
@@ -147,6 +129,29 @@ impl Run {
                 "stopped after step {step}; saving a checkpoint failed too: {save_error:#}"
             )),
         }
+    }
+
+    /// Whether `save_steps` asks for a checkpoint at the current step.
+    fn save_due(&self) -> bool {
+        self.save_steps > 0 && self.state.global_step % self.save_steps as u64 == 0
+    }
+
+    /// Saves a checkpoint of the current step (`extra` writing more files into it).
+    fn save(
+        &self,
+        policy: &Qwen2,
+        optimizer: &AdamW,
+        extra: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        checkpoint::save_training(
+            &self.output_dir,
+            policy,
+            optimizer,
+            &self.state,
+            &self.model_files,
+            self.save_total_limit,
+            extra,
+        )
     }
 
     /// Writes the trained model into `output_dir` as an HF folder.

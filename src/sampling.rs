@@ -301,8 +301,9 @@ pub fn generate_on(
     Ok(completions)
 }
 
-/// The completions `rows` of the batch (row `r` is completion `r % G` of prompt `r / G`): the
-/// prompts they continue run as one left-padded prefill, then one decode step per new token.
+/// The completions `rows` (never empty: [`split_evenly`] makes no empty shard) of the batch (row
+/// `r` is completion `r % G` of prompt `r / G`): the prompts they continue run as one
+/// left-padded prefill, then one decode step per new token.
 fn generate_rows(
     model: &Qwen2,
     prompts: &[Vec<u32>],
@@ -310,14 +311,6 @@ fn generate_rows(
     rows: Range<usize>,
 ) -> Result<Completions> {
     let group = spec.group_size;
-    if rows.is_empty() {
-        return Ok(Completions {
-            ids: Vec::new(),
-            lengths: Vec::new(),
-            truncated: Vec::new(),
-            width: 0,
-        });
-    }
     let first_prompt = rows.start / group;
     let prompts = &prompts[first_prompt..=(rows.end - 1) / group];
     // The prompt (among `prompts`) of each of our rows.

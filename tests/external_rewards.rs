@@ -840,24 +840,6 @@ def even_lengths(completions, completion_ids, **columns):
     assert!((reported - mean).abs() < 1e-9, "{reported} vs {mean}");
 }
 
-/// metrics.jsonl of `out` without what measures the machine (time, memory).
-fn computed_metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let mut line: Value = serde_json::from_str(line).unwrap();
-            line.as_object_mut().unwrap().retain(|key, _| {
-                !(key == "step_time"
-                    || key == "memory/peak_gib"
-                    || key.starts_with("timing/")
-                    || key == "generation/tokens_per_second")
-            });
-            line
-        })
-        .collect()
-}
-
 #[test]
 fn a_reward_failure_in_training_keeps_the_steps_done() {
     let dir = tempfile::tempdir().unwrap();
@@ -936,8 +918,8 @@ fn a_reward_failure_in_training_keeps_the_steps_done() {
         lines
     };
     assert_eq!(
-        without_reward_names(computed_metrics(&out)),
-        without_reward_names(computed_metrics(&uninterrupted))
+        without_reward_names(common::machine_independent_metrics(&out)),
+        without_reward_names(common::machine_independent_metrics(&uninterrupted))
     );
 }
 

@@ -66,24 +66,6 @@ fn weights(path: &Path) -> Vec<(String, Vec<f32>)> {
     tensors
 }
 
-/// metrics.jsonl without the fields that measure the machine (time, memory).
-fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let mut line: Value = serde_json::from_str(line).unwrap();
-            line.as_object_mut().unwrap().retain(|key, _| {
-                !(key == "step_time"
-                    || key == "memory/peak_gib"
-                    || key.starts_with("timing/")
-                    || key == "generation/tokens_per_second")
-            });
-            line
-        })
-        .collect()
-}
-
 #[test]
 fn train_checkpoints_and_resumes_a_qwen3_model_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +76,7 @@ fn train_checkpoints_and_resumes_a_qwen3_model_bit_for_bit() {
         .args(tiny_run(&qwen3_dir(), &data, &straight, &[]))
         .assert()
         .success();
-    let lines = metrics(&straight);
+    let lines = common::machine_independent_metrics(&straight);
     assert_eq!(lines.len(), 4);
     assert!(lines
         .iter()
@@ -133,7 +115,10 @@ fn train_checkpoints_and_resumes_a_qwen3_model_bit_for_bit() {
         weights(&straight.join("model.safetensors")),
         weights(&resumed.join("model.safetensors"))
     );
-    assert_eq!(metrics(&straight)[2..], metrics(&resumed)[..]);
+    assert_eq!(
+        common::machine_independent_metrics(&straight)[2..],
+        common::machine_independent_metrics(&resumed)[..]
+    );
 }
 
 /// A copy of the Qwen3 folder whose chat template sets `enable_thinking = false` itself: what
@@ -164,7 +149,7 @@ fn run(command: &[&str], sets: &[String], out: &Path) -> Vec<String> {
         results.push(String::from_utf8(output.get_output().stdout.clone()).unwrap());
     }
     if out.join("metrics.jsonl").is_file() {
-        results.push(format!("{:?}", metrics(out)));
+        results.push(format!("{:?}", common::machine_independent_metrics(out)));
     }
     if let Ok(samples) = std::fs::read_to_string(out.join("eval/test-base.jsonl")) {
         results.push(samples);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use grpo::config::Config;
 
+use common::machine_independent_metrics as metrics;
 use common::{golden_dir, write_qa_parquet};
 
 const QUESTIONS: &[(&str, &str)] = &[
@@ -71,24 +72,6 @@ fn logged_metrics(out: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
-}
-
-/// metrics.jsonl without the measured fields (wall clock, memory), which no two runs share.
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    let mut lines = logged_metrics(out);
-    for line in &mut lines {
-        let fields = line.as_object_mut().unwrap();
-        fields.retain(|key, _| !is_measured(key));
-    }
-    lines
-}
-
-/// Fields that measure the machine (time, memory) rather than the computation.
-fn is_measured(key: &str) -> bool {
-    key == "step_time"
-        || key == "memory/peak_gib"
-        || key.starts_with("timing/")
-        || key == "generation/tokens_per_second"
 }
 
 #[test]

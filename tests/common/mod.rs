@@ -526,3 +526,22 @@ pub fn l2(t: &Tensor) -> f64 {
         .unwrap()
         .sqrt()
 }
+
+/// metrics.jsonl of the run in `out` without the fields that measure the machine (time,
+/// memory), so two runs' logs compare equal.
+pub fn machine_independent_metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut line: serde_json::Value = serde_json::from_str(line).unwrap();
+            line.as_object_mut().unwrap().retain(|key, _| {
+                !(key == "step_time"
+                    || key == "memory/peak_gib"
+                    || key.starts_with("timing/")
+                    || key == "generation/tokens_per_second")
+            });
+            line
+        })
+        .collect()
+}
