@@ -1,7 +1,9 @@
 //! The differentiable Qwen2 policy: checkpoint loading ([`load`]), the forward pass over hidden
 //! states with a KV cache and a grouped training forward ([`qwen2`]), its differentiable
-//! building blocks ([`ops`], with fused CPU kernels in [`fused`]) and chunked per-token log-probs and entropies ([`logprobs`]).
+//! building blocks ([`ops`], with fused CPU kernels in [`fused`] and the frozen-operand ops of
+//! [`frozen`]) and chunked per-token log-probs and entropies ([`logprobs`]).
 
+pub mod frozen;
 pub mod fused;
 pub mod load;
 pub mod logprobs;
