@@ -1,12 +1,15 @@
 //! The differentiable Qwen2 policy: checkpoint loading ([`load`]), the forward pass over hidden
-//! states with a KV cache and a grouped training forward ([`qwen2`]), its differentiable
+//! states with a KV cache and a grouped training forward ([`qwen2`]), its linear layers with
+//! optional LoRA adapters ([`linear`]) and LoRA in PEFT's format ([`lora`]), its differentiable
 //! building blocks ([`ops`], with fused CPU kernels in [`fused`] and the frozen-operand ops of
 //! [`frozen`]) and chunked per-token log-probs and entropies ([`logprobs`]).
 
 pub mod frozen;
 pub mod fused;
+pub mod linear;
 pub mod load;
 pub mod logprobs;
+pub mod lora;
 pub mod ops;
 pub mod qwen2;
 
@@ -14,5 +17,6 @@ pub use load::{ModelFiles, Qwen2Config};
 pub use logprobs::{
     completion_logprobs, grouped_completion_logprobs, token_logprobs, TokenLogprobs,
 };
+pub use lora::{AdapterFolder, LoraSpec};
 pub use ops::position_ids_from_mask;
 pub use qwen2::{group_index, GroupedBatch, KvCache, Qwen2};

@@ -44,55 +44,118 @@
 //! ([`Qwen2::load_reference`]) holds plain tensors and records no graph.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use super::linear::{Dropout, Linear};
 use super::load::{ModelFiles, Qwen2Config};
+use super::lora::LoraSpec;
 use super::ops::{
     apply_rope, attention_softmax, causal_bias, linear, merge_heads, position_ids_from_mask,
     rms_norm, rope_tables, split_heads, swiglu,
 };
 
+/// The linear layers of a decoder layer by their module names inside it, in transformers'
+/// order (the order of [`DecoderLayer::linears`]).
+pub const LINEAR_MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// Weights of one decoder layer.
 #[derive(Clone)]
-struct DecoderLayer {
-    q_proj: (Tensor, Tensor),
-    k_proj: (Tensor, Tensor),
-    v_proj: (Tensor, Tensor),
-    o_proj: Tensor,
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+pub(crate) struct DecoderLayer {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
 }
 
 impl DecoderLayer {
-    /// This layer with `matrix` applied to every weight matrix and bias, `norm` to the two
-    /// norm weights.
+    /// This layer with `matrix` applied to every linear layer's tensors (weights, biases,
+    /// adapters), `norm` to the two norm weights.
     fn map(
         &self,
         matrix: impl Fn(&Tensor) -> Result<Tensor>,
         norm: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Self> {
-        let pair = |(w, b): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
-            Ok((matrix(w)?, matrix(b)?))
-        };
         Ok(DecoderLayer {
-            q_proj: pair(&self.q_proj)?,
-            k_proj: pair(&self.k_proj)?,
-            v_proj: pair(&self.v_proj)?,
-            o_proj: matrix(&self.o_proj)?,
-            gate_proj: matrix(&self.gate_proj)?,
-            up_proj: matrix(&self.up_proj)?,
-            down_proj: matrix(&self.down_proj)?,
+            q_proj: self.q_proj.map(&matrix)?,
+            k_proj: self.k_proj.map(&matrix)?,
+            v_proj: self.v_proj.map(&matrix)?,
+            o_proj: self.o_proj.map(&matrix)?,
+            gate_proj: self.gate_proj.map(&matrix)?,
+            up_proj: self.up_proj.map(&matrix)?,
+            down_proj: self.down_proj.map(&matrix)?,
             input_layernorm: norm(&self.input_layernorm)?,
             post_attention_layernorm: norm(&self.post_attention_layernorm)?,
         })
     }
 
-    /// The layer as the forward uses it: matrices and biases in `dtype`, norms as stored (f32).
+    /// The linear layers, in the order of [`LINEAR_MODULES`].
+    pub(crate) fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// [`DecoderLayer::linears`], mutable.
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+
+    /// Every tensor of the layer by its name inside the layer, in `named_parameters()` order,
+    /// with `matrix` giving each linear layer's weight.
+    fn weights(
+        &self,
+        matrix: &impl Fn(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut weights = Vec::new();
+        for (module, linear) in LINEAR_MODULES.iter().zip(self.linears()) {
+            weights.push((format!("{module}.weight"), matrix(linear)?));
+            if let Some(bias) = &linear.bias {
+                weights.push((format!("{module}.bias"), bias.detach()));
+            }
+        }
+        weights.push((
+            "input_layernorm.weight".into(),
+            self.input_layernorm.detach(),
+        ));
+        weights.push((
+            "post_attention_layernorm.weight".into(),
+            self.post_attention_layernorm.detach(),
+        ));
+        Ok(weights)
+    }
+
+    /// The layer as the forward uses it: matrices, biases and adapters in `dtype`, norms as
+    /// stored (f32).
     fn in_compute_dtype(&self, dtype: DType) -> Result<Self> {
         self.map(|t| t.to_dtype(dtype), |t| Ok(t.clone()))
     }
@@ -118,18 +181,23 @@ pub struct GroupedBatch<'a> {
     pub group_size: usize,
 }
 
-/// A Qwen2 causal language model.
+/// A Qwen2 causal language model (cloning shares every tensor).
+#[derive(Clone)]
 pub struct Qwen2 {
-    config: Qwen2Config,
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: Tensor,
+    pub(crate) config: Qwen2Config,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: Tensor,
     /// `embed_tokens` itself when the embeddings are tied.
-    lm_head: Tensor,
+    pub(crate) lm_head: Tensor,
     /// Trainable parameters in `named_parameters()` order; empty for a frozen model.
-    parameters: Vec<(String, Var)>,
+    pub(crate) parameters: Vec<(String, Var)>,
     /// The dtype of the matmuls (see the module doc's "Precision").
-    compute_dtype: DType,
+    pub(crate) compute_dtype: DType,
+    /// The LoRA adapters on the linear layers, when there are any (see `lora`).
+    pub(crate) lora: Option<LoraSpec>,
+    /// Dropout of the adapters' inputs, in a training forward ([`Qwen2::in_training`]).
+    pub(crate) dropout: Option<Arc<Dropout>>,
 }
 
 /// Preallocated per-layer key/value buffers `[batch, kv_heads, capacity, head_dim]` and the
@@ -271,23 +339,19 @@ impl Qwen2 {
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
+                let linear = |module: &str, with_bias: bool| Linear {
+                    weight: take(&format!("{p}.{module}.weight")),
+                    bias: with_bias.then(|| take(&format!("{p}.{module}.bias"))),
+                    adapter: None,
+                };
                 DecoderLayer {
-                    q_proj: (
-                        take(&format!("{p}.self_attn.q_proj.weight")),
-                        take(&format!("{p}.self_attn.q_proj.bias")),
-                    ),
-                    k_proj: (
-                        take(&format!("{p}.self_attn.k_proj.weight")),
-                        take(&format!("{p}.self_attn.k_proj.bias")),
-                    ),
-                    v_proj: (
-                        take(&format!("{p}.self_attn.v_proj.weight")),
-                        take(&format!("{p}.self_attn.v_proj.bias")),
-                    ),
-                    o_proj: take(&format!("{p}.self_attn.o_proj.weight")),
-                    gate_proj: take(&format!("{p}.mlp.gate_proj.weight")),
-                    up_proj: take(&format!("{p}.mlp.up_proj.weight")),
-                    down_proj: take(&format!("{p}.mlp.down_proj.weight")),
+                    q_proj: linear("self_attn.q_proj", true),
+                    k_proj: linear("self_attn.k_proj", true),
+                    v_proj: linear("self_attn.v_proj", true),
+                    o_proj: linear("self_attn.o_proj", false),
+                    gate_proj: linear("mlp.gate_proj", false),
+                    up_proj: linear("mlp.up_proj", false),
+                    down_proj: linear("mlp.down_proj", false),
                     input_layernorm: take(&format!("{p}.input_layernorm.weight")),
                     post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight")),
                 }
@@ -307,7 +371,17 @@ impl Qwen2 {
             lm_head,
             parameters: named_vars,
             compute_dtype: DType::F32,
+            lora: None,
+            dropout: None,
         })
+    }
+
+    /// The frozen base of a LoRA policy (see `lora`): plain tensors like the reference model,
+    /// but with every matrix, the embeddings included, stored in `dtype` (norm weights stay
+    /// f32): no f32 copy of the base exists, and a tied lm_head stays one tensor.
+    pub fn load_base(files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let model = Self::load_reference(files, device)?;
+        Ok(model.frozen_copy(dtype, dtype)?)
     }
 
     /// This model computing its matmuls in `dtype` (f32, bf16 or f16). A trainable model keeps
@@ -318,7 +392,7 @@ impl Qwen2 {
             bail!("compute dtype {dtype:?} is not supported (use f32, bf16 or f16)");
         }
         if self.parameters.is_empty() {
-            return Ok(self.frozen_copy(dtype)?);
+            return Ok(self.frozen_copy(dtype, self.embed_tokens.dtype())?);
         }
         Ok(Qwen2 {
             compute_dtype: dtype,
@@ -327,22 +401,30 @@ impl Qwen2 {
     }
 
     /// A frozen copy (no `Var`s, no graph) with its matrices stored in the compute dtype, for
-    /// sampling: a bf16 policy casts its weights once here rather than at every decoded token.
+    /// sampling: a bf16 policy casts its weights once here rather than at every decoded token
+    /// (tensors already in that dtype, such as a LoRA policy's base, are shared, not copied).
     /// Take a new copy after each optimiser step.
     pub fn inference_copy(&self) -> Result<Self> {
-        self.frozen_copy(self.compute_dtype)
+        self.frozen_copy(self.compute_dtype, self.embed_tokens.dtype())
     }
 
-    /// Detached copy with the layers' matrices and biases and the lm_head in `dtype`; the
-    /// embeddings and norm weights stay f32, so the copy computes exactly what this model
-    /// computes (tied embeddings become two tensors: the f32 table and the `dtype` lm_head).
-    fn frozen_copy(&self, dtype: DType) -> Result<Self> {
+    /// Detached copy with the layers' matrices, biases and adapters and the lm_head in `dtype`,
+    /// the embedding table in `embeddings` and the norm weights in f32. With `embeddings` f32 the
+    /// copy computes exactly what this model computes (tied embeddings become two tensors: the
+    /// f32 table and the `dtype` lm_head); with `embeddings` = `dtype` a tied lm_head is the
+    /// table itself.
+    fn frozen_copy(&self, dtype: DType, embeddings: DType) -> Result<Self> {
         let matrix = |t: &Tensor| t.detach().to_dtype(dtype);
         let norm = |t: &Tensor| t.detach().to_dtype(DType::F32);
+        let embed_tokens = self.embed_tokens.detach().to_dtype(embeddings)?;
+        let lm_head = match self.config.tie_word_embeddings && embeddings == dtype {
+            true => embed_tokens.clone(),
+            false => matrix(&self.lm_head)?,
+        };
         Ok(Qwen2 {
             config: self.config.clone(),
-            embed_tokens: norm(&self.embed_tokens)?,
-            lm_head: matrix(&self.lm_head)?,
+            embed_tokens,
+            lm_head,
             layers: self
                 .layers
                 .iter()
@@ -351,7 +433,37 @@ impl Qwen2 {
             norm: norm(&self.norm)?,
             parameters: Vec::new(),
             compute_dtype: dtype,
+            lora: self.lora.clone(),
+            dropout: None,
         })
+    }
+
+    /// Every weight of the model by transformers name, in `named_parameters()` order (a tied
+    /// lm_head is not listed), as stored: for a LoRA model, the frozen base without its
+    /// adapters.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.weights_with(&|linear: &Linear| Ok(linear.weight.detach()))
+    }
+
+    /// Every weight by transformers name, with `matrix` giving each linear layer's weight.
+    pub(crate) fn weights_with(
+        &self,
+        matrix: &impl Fn(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut weights = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.detach(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, tensor) in layer.weights(matrix)? {
+                weights.push((format!("model.layers.{i}.{name}"), tensor));
+            }
+        }
+        weights.push(("model.norm.weight".to_string(), self.norm.detach()));
+        if !self.config.tie_word_embeddings {
+            weights.push(("lm_head.weight".to_string(), self.lm_head.detach()));
+        }
+        Ok(weights)
     }
 
     pub fn config(&self) -> &Qwen2Config {
@@ -552,8 +664,8 @@ impl Qwen2 {
     fn heads(&self, layer: &DecoderLayer, x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Heads> {
         let c = &self.config;
         let h = self.norm_for_matmul(x, &layer.input_layernorm)?;
-        let split = |(w, bias): &(Tensor, Tensor), heads: usize| -> Result<Tensor> {
-            split_heads(&linear(&h, w, Some(bias))?, heads)
+        let split = |projection: &Linear, heads: usize| -> Result<Tensor> {
+            split_heads(&projection.forward(&h, self.dropout.as_deref())?, heads)
         };
         let cos = rope.0.to_dtype(self.compute_dtype)?;
         let sin = rope.1.to_dtype(self.compute_dtype)?;
@@ -584,12 +696,19 @@ impl Qwen2 {
     /// Output projection and residual, then the MLP block and residual (the residual adds in
     /// f32).
     fn finish_layer(&self, layer: &DecoderLayer, x: &Tensor, attended: &Tensor) -> Result<Tensor> {
+        let dropout = self.dropout.as_deref();
         let attended = merge_heads(attended)?;
-        let x = (x + linear(&attended, &layer.o_proj, None)?.to_dtype(DType::F32)?)?;
+        let x = (x + layer
+            .o_proj
+            .forward(&attended, dropout)?
+            .to_dtype(DType::F32)?)?;
         let h = self.norm_for_matmul(&x, &layer.post_attention_layernorm)?;
-        let gate = linear(&h, &layer.gate_proj, None)?;
-        let up = linear(&h, &layer.up_proj, None)?;
-        x + linear(&swiglu(&gate, &up)?, &layer.down_proj, None)?.to_dtype(DType::F32)?
+        let gate = layer.gate_proj.forward(&h, dropout)?;
+        let up = layer.up_proj.forward(&h, dropout)?;
+        x + layer
+            .down_proj
+            .forward(&swiglu(&gate, &up)?, dropout)?
+            .to_dtype(DType::F32)?
     }
 }
 
