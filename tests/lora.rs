@@ -1,16 +1,17 @@
 //! LoRA against PEFT (`$GRPO_GOLDEN_DIR/lora`, made by PEFT on the golden base model and its
 //! `grpo.*` batch): the adapter folder as PEFT saved it, the completion log-probs with the
 //! adapter and with it switched off (the reference), the GRPO loss, the gradient of every
-//! `lora_A` / `lora_B`. Only the adapters are trainable and only they get gradients; PEFT's
-//! initialisation; dropout in training only; and adapters that do not fit the base refused by
-//! name.
+//! `lora_A` / `lora_B`, and the merged model's logits through `grpo merge`. Only the adapters are
+//! trainable and only they get gradients; PEFT's initialisation; dropout in training only; and
+//! adapters that do not fit the base refused by name.
 
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
 use grpo::model::{
     grouped_completion_logprobs, AdapterFolder, GroupedBatch, LoraSpec, ModelFiles, Qwen2,
@@ -245,6 +246,109 @@ fn loss_and_every_adapter_gradient_match_peft_and_the_base_gets_none() {
     }
 }
 
+/// `grpo merge` writes a full model folder whose logits are those of PEFT's
+/// `merge_and_unload()`, loadable without the adapter.
+#[test]
+fn grpo_merge_writes_the_model_peft_merges() {
+    let out = tempfile::tempdir().unwrap();
+    let merged = out.path().join("merged");
+    let status = Command::new(env!("CARGO_BIN_EXE_grpo"))
+        .args(["merge", "--adapter"])
+        .arg(adapter_dir())
+        .arg("--base-model")
+        .arg(golden_dir())
+        .arg("--out")
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(file).is_file(), "{file}");
+    }
+    assert!(!AdapterFolder::is_adapter(&merged));
+    let files = ModelFiles::resolve(merged.to_str().unwrap(), "main").unwrap();
+    let model = Qwen2::load_reference(&files, &Device::Cpu).unwrap();
+    let batch = Batch::golden();
+    let g = batch.group_size;
+    let hidden = model
+        .forward_masked(&batch.prompt_ids, &batch.prompt_mask)
+        .unwrap();
+    let prompt_len = batch.prompt_ids.dim(1).unwrap();
+    let last = model
+        .lm_head(&hidden.i((.., prompt_len - 1, ..)).unwrap())
+        .unwrap();
+    // Golden rows are prompt * G + g: every G-th row is one of our prompts.
+    let want = lora_tensors()["merged.logits_last"].clone();
+    let rows: Vec<u32> = (0..want.dim(0).unwrap() as u32).step_by(g).collect();
+    let want = want
+        .index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    assert_tensor_close(
+        "merged.logits_last",
+        &last,
+        &want,
+        None,
+        Tolerance::recorded("forward_logits_max_abs_err"),
+    );
+    // Merging changed the weights: the base's logits are far from the merged ones.
+    let base_hidden = base()
+        .forward_masked(&batch.prompt_ids, &batch.prompt_mask)
+        .unwrap();
+    let base_last = base()
+        .lm_head(&base_hidden.i((.., prompt_len - 1, ..)).unwrap())
+        .unwrap();
+    assert!(common::max_abs_diff(&base_last, &want) > 1e-2);
+}
+
+fn grpo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_grpo"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `grpo merge` refuses what it cannot do, naming the culprit.
+#[test]
+fn grpo_merge_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = adapter_dir();
+    let adapter = adapter.to_str().unwrap();
+    let golden = golden_dir();
+    let golden = golden.to_str().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let stderr = |o: std::process::Output| {
+        assert_eq!(o.status.code(), Some(1));
+        String::from_utf8(o.stderr).unwrap()
+    };
+    // The golden adapter records a base_model_name_or_path that does not exist here.
+    let msg = stderr(grpo(&["merge", "--adapter", adapter, "--out", out]));
+    assert!(
+        msg.contains("base_model_name_or_path") && msg.contains("--base-model"),
+        "{msg}"
+    );
+    // A model folder is not an adapter.
+    let msg = stderr(grpo(&["merge", "--adapter", golden, "--out", out]));
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+    // An existing model is not overwritten.
+    let msg = stderr(grpo(&[
+        "merge",
+        "--adapter",
+        adapter,
+        "--base-model",
+        golden,
+        "--out",
+        golden,
+    ]));
+    assert!(msg.contains("already holds"), "{msg}");
+}
+
 /// PEFT's initialisation: `A` uniform in ±1/sqrt(in) from the seed, `B` zero, so the model is
 /// exactly the base until trained.
 #[test]
@@ -420,4 +524,16 @@ fn an_adapter_for_another_base_is_refused() {
         "{msg}"
     );
     assert!(msg.contains(&format!("{wider}")), "{msg}");
+}
+
+/// The base model's files are never read from the adapter folder: a path that is an adapter
+/// given as model_name_or_path is refused with the way to use it.
+#[test]
+fn an_adapter_folder_is_not_taken_for_a_model() {
+    let err = ModelFiles::resolve(adapter_dir().to_str().unwrap(), "main").unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("adapter_name_or_path"), "{msg}");
+    assert!(Path::new(&adapter_dir())
+        .join("adapter_config.json")
+        .is_file());
 }
