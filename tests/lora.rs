@@ -103,6 +103,32 @@ fn logprobs(model: &Qwen2, batch: &Batch) -> Tensor {
         .logprobs
 }
 
+/// PEFT's GRPO loss of `policy` on `batch` (the settings of `lora/cases.json`, advantages
+/// `grpo.advantages`), with the reference = `policy`'s adapters switched off.
+fn golden_loss(policy: &Qwen2, batch: &Batch) -> Tensor {
+    let cases = lora_cases();
+    let logp = logprobs(policy, batch);
+    let ref_logp = logprobs(&policy.without_adapters().unwrap(), batch);
+    let params = LossParams {
+        loss_type: LossType::Grpo,
+        beta: cases["beta"].as_f64().unwrap(),
+        epsilon_low: cases["epsilon"].as_f64().unwrap(),
+        epsilon_high: cases["epsilon"].as_f64().unwrap(),
+        max_completion_length: batch.mask.dim(1).unwrap(),
+        num_items_in_batch: batch.mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize,
+        gradient_accumulation_steps: 1,
+        use_bias_correction_kl: false,
+    };
+    let inputs = LossInputs {
+        logp: &logp,
+        old_logp: &logp.detach(),
+        ref_logp: Some(&ref_logp),
+        advantages: &common::tensors()["grpo.advantages"],
+        mask: &batch.mask,
+    };
+    grpo_loss(&inputs, &params).unwrap().loss
+}
+
 /// The log-prob tolerance of the golden folder (the LoRA forward is the same float32 arithmetic
 /// with two small matmuls more per layer).
 fn logprob_tolerance() -> Tolerance {
@@ -170,34 +196,10 @@ fn policy_and_reference_logprobs_match_peft_with_and_without_the_adapter() {
 fn loss_and_every_adapter_gradient_match_peft_and_the_base_gets_none() {
     let cases = lora_cases();
     let t = lora_tensors();
-    let golden = common::tensors();
     let batch = Batch::golden();
     let policy = policy();
-    let logp = logprobs(&policy, &batch);
-    let ref_logp = logprobs(&policy.without_adapters().unwrap(), &batch);
-    let grpo_case = &common::cases()["grpo"];
-    let params = LossParams {
-        loss_type: LossType::Grpo,
-        beta: cases["beta"].as_f64().unwrap(),
-        epsilon_low: cases["epsilon"].as_f64().unwrap(),
-        epsilon_high: cases["epsilon"].as_f64().unwrap(),
-        max_completion_length: grpo_case["max_completion_length"].as_u64().unwrap() as usize,
-        num_items_in_batch: batch.mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize,
-        gradient_accumulation_steps: 1,
-        use_bias_correction_kl: false,
-    };
-    let loss = grpo_loss(
-        &LossInputs {
-            logp: &logp,
-            old_logp: &logp.detach(),
-            ref_logp: Some(&ref_logp),
-            advantages: &golden["grpo.advantages"],
-            mask: &batch.mask,
-        },
-        &params,
-    )
-    .unwrap();
-    let value = loss.loss.to_scalar::<f32>().unwrap() as f64;
+    let loss = golden_loss(&policy, &batch);
+    let value = loss.to_scalar::<f32>().unwrap() as f64;
     let want = t["lora.loss"].to_scalar::<f32>().unwrap() as f64;
     assert_eq!(want, cases["loss"].as_f64().unwrap());
     let tolerance = Tolerance::recorded("grpo.grpo.abs_err_loss");
@@ -206,7 +208,7 @@ fn loss_and_every_adapter_gradient_match_peft_and_the_base_gets_none() {
         "loss {value}, PEFT {want}"
     );
 
-    let grads = loss.loss.backward().unwrap();
+    let grads = loss.backward().unwrap();
     let golden_names: BTreeSet<String> = t
         .keys()
         .filter_map(|k| k.strip_prefix("grad."))
@@ -536,4 +538,86 @@ fn an_adapter_folder_is_not_taken_for_a_model() {
     assert!(Path::new(&adapter_dir())
         .join("adapter_config.json")
         .is_file());
+}
+
+/// The bf16 path (CUDA's, run here on the CPU): the base stored in bf16 (embeddings included,
+/// norm weights f32), the f32 adapters cast per matmul. Log-probs stay within bf16 roundoff of
+/// PEFT's f32 values (16 roundings of the largest golden logit, over the temperature, as
+/// docs/PRECISION.md sets for the full model), each adapter gradient within 5 % (relative L2) of
+/// PEFT's, the base gets no gradient, and dropout runs in bf16.
+#[test]
+fn bf16_lora_stays_within_bf16_roundoff_of_peft() {
+    let golden = common::tensors();
+    let t = lora_tensors();
+    let adapter = AdapterFolder::read(&adapter_dir()).unwrap();
+    let policy = Qwen2::load_base(&base_files(), &Device::Cpu, DType::BF16)
+        .unwrap()
+        .with_adapters(adapter.spec, adapter.weights)
+        .unwrap();
+    for (name, tensor) in policy.named_weights().unwrap() {
+        let want = if name.contains("norm") {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        assert_eq!(tensor.dtype(), want, "{name}");
+    }
+    let batch = Batch::golden();
+    let logp = logprobs(&policy, &batch);
+    let attended = golden["forward.logits"]
+        .broadcast_mul(
+            &golden["forward.attention_mask"]
+                .to_dtype(DType::F32)
+                .unwrap()
+                .unsqueeze(2)
+                .unwrap(),
+        )
+        .unwrap();
+    let largest = flat_f64(&attended)
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    let tolerance = 16.0 / 512.0 * largest / temperature();
+    let masked = |x: &Tensor| flat_f64(&x.mul(&batch.mask).unwrap());
+    let worst = masked(&logp)
+        .iter()
+        .zip(masked(&t["lora.policy_logps"]))
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= tolerance,
+        "bf16 log-probs off by {worst} (tolerance {tolerance})"
+    );
+
+    let grads = golden_loss(&policy, &batch).backward().unwrap();
+    let l2 = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    for (name, var) in policy.named_parameters() {
+        let grad = flat_f64(grads.get(var.as_tensor()).unwrap());
+        let want = flat_f64(&t[&format!("grad.{name}")]);
+        let diff: Vec<f64> = grad.iter().zip(&want).map(|(a, b)| a - b).collect();
+        let relative = l2(&diff) / l2(&want);
+        assert!(
+            relative < 0.05,
+            "{name}: bf16 gradient off by {relative} (relative L2)"
+        );
+    }
+    for (name, tensor) in policy.named_weights().unwrap() {
+        assert!(
+            grads.get(&tensor).is_none(),
+            "the frozen {name} got a gradient"
+        );
+    }
+
+    let dropped = policy_with_dropout_in(DType::BF16);
+    let train = flat_f64(&logprobs(&dropped.in_training(3), &batch));
+    assert!(train.iter().all(|v| v.is_finite()));
+    assert_ne!(train, flat_f64(&logprobs(&dropped, &batch)));
+}
+
+/// The golden adapter with dropout 0.5 on the base stored in `dtype`.
+fn policy_with_dropout_in(dtype: DType) -> Qwen2 {
+    let mut adapter = AdapterFolder::read(&adapter_dir()).unwrap();
+    adapter.spec.dropout = 0.5;
+    Qwen2::load_base(&base_files(), &Device::Cpu, dtype)
+        .unwrap()
+        .with_adapters(adapter.spec, adapter.weights)
+        .unwrap()
 }

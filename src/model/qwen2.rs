@@ -30,7 +30,8 @@
 //! [`Qwen2::new_cache`] makes one in the model's compute dtype.
 //!
 //! # Precision
-//! Weights are stored in f32 (the policy's [`Var`]s are the f32 master copies). With a compute
+//! Weights are stored in f32 (the policy's [`Var`]s are the f32 master copies; a LoRA model's
+//! frozen base is stored in the compute dtype, see [`Qwen2::load_base`]). With a compute
 //! dtype of bf16 ([`Qwen2::with_compute_dtype`], the CUDA setting) the forward does what
 //! PyTorch autocast does: matrices and biases are cast to bf16 for every matmul (the cast is
 //! differentiable, so gradients land on the f32 `Var`s), while the residual stream, RMSNorm,
@@ -41,7 +42,9 @@
 //! Policy parameters are candle [`Var`]s, listed by [`Qwen2::named_parameters`] in
 //! transformers' `named_parameters()` order; a tied `lm_head` reuses
 //! `model.embed_tokens.weight` (one `Var` whose gradient sums both uses). The reference model
-//! ([`Qwen2::load_reference`]) holds plain tensors and records no graph.
+//! ([`Qwen2::load_reference`]) holds plain tensors and records no graph. With LoRA adapters
+//! (`lora`) the only `Var`s are the adapters' matrices; the base's plain tensors get no
+//! gradient, and the reference is the same model with its adapters switched off.
 
 use std::collections::HashMap;
 use std::sync::Arc;
