@@ -979,3 +979,64 @@ fn lora_and_full_checkpoints_do_not_mix() {
     let msg = attempt(&["use_peft=true", "lora_r=4", &resume(&lora_run)]);
     assert!(msg.contains("r 2") && msg.contains("r 4"), "{msg}");
 }
+
+/// With LoRA (dropout 0) `forward_batch_size` changes neither the loss nor the adapters'
+/// gradients either: one group per chunk trains like one pass (see
+/// `forward_batch_size_changes_neither_loss_nor_gradients` for the settings' reasons).
+#[test]
+fn lora_forward_batch_size_changes_neither_loss_nor_gradients() {
+    let run = |forward_batch_size: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &[
+                "use_peft=true",
+                "lora_dropout=0.0",
+                "per_device_train_batch_size=3",
+                "gradient_accumulation_steps=1",
+                "num_iterations=2",
+                "max_steps=2",
+                "save_steps=100",
+                "learning_rate=0.5",
+                "adam_epsilon=1.0",
+                &format!("forward_batch_size={forward_batch_size}"),
+            ],
+        );
+        grpo::train::train(&cfg).unwrap();
+        let out = dir.path().join("out");
+        (
+            metrics(&out),
+            weights(&out.join("adapter_model.safetensors")),
+            cfg,
+        )
+    };
+    let (whole_metrics, whole, cfg) = run(0);
+    let (chunked_metrics, chunked, _) = run(2);
+    for (a, b) in whole_metrics.iter().zip(&chunked_metrics) {
+        for key in ["loss", "grad_norm", "kl", "entropy"] {
+            let (x, y) = (value(a, key), value(b, key));
+            assert!((x - y).abs() <= 1e-6 + 1e-5 * x.abs(), "{key}: {y} vs {x}");
+        }
+    }
+    // The adapters before training: the same PEFT initialisation both runs started from.
+    let files = grpo::model::ModelFiles::resolve(golden_dir().to_str().unwrap(), "main").unwrap();
+    let initial = grpo::model::Qwen2::load_base(&files, &Device::Cpu, candle_core::DType::F32)
+        .unwrap()
+        .with_new_adapters(grpo::model::LoraSpec::from_config(&cfg).unwrap(), cfg.seed)
+        .unwrap();
+    let mut before: Vec<(String, Vec<f32>)> = initial
+        .named_parameters()
+        .iter()
+        .map(|(name, var)| {
+            let values = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            (format!("base_model.model.{name}"), values)
+        })
+        .collect();
+    before.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        before.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        whole.iter().map(|w| &w.0).collect::<Vec<_>>()
+    );
+    let diff = max_relative_update_diff(&before, &whole, &chunked);
+    assert!(diff < 1e-4, "adapter updates differ by {diff} (relative)");
+}
