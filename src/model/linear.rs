@@ -117,3 +117,43 @@ impl Linear {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// torch's training-mode dropout: about `p` of the elements zeroed, the others scaled by
+    /// `1 / (1 - p)`, and the gradient through the same mask.
+    #[test]
+    fn dropout_zeroes_about_p_and_scales_the_rest() {
+        let x =
+            Var::from_tensor(&Tensor::ones((64, 256), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let dropped = Dropout::new(0.25, 9).apply(x.as_tensor()).unwrap();
+        let values: Vec<f32> = dropped.flatten_all().unwrap().to_vec1().unwrap();
+        let zeros = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.02, "{zeros} dropped");
+        assert!(values
+            .iter()
+            .all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let grad = dropped.sum_all().unwrap().backward().unwrap();
+        let grad: Vec<f32> = grad
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(grad, values, "d(sum)/dx is the mask itself (x = 1)");
+        let again = Dropout::new(0.25, 9).apply(x.as_tensor()).unwrap();
+        assert_eq!(
+            again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            values
+        );
+        let none = Dropout::new(0.0, 9).apply(x.as_tensor()).unwrap();
+        assert_eq!(
+            none.sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            64.0 * 256.0
+        );
+    }
+}
