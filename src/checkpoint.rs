@@ -1,6 +1,8 @@
 //! Checkpoints: `output_dir/checkpoint-<step>/` holding an HF-format model (config.json,
 //! model.safetensors with HF tensor names, tokenizer and generation config) that transformers'
-//! `from_pretrained` loads, plus what resuming needs: optimiser state and `trainer_state.json`.
+//! `from_pretrained` loads, or for a LoRA policy a PEFT adapter (adapter_config.json,
+//! adapter_model.safetensors, tokenizer) that `PeftModel.from_pretrained` loads, plus what
+//! resuming needs: optimiser state and `trainer_state.json`.
 //!
 //! A checkpoint is written into a temporary sibling folder, synced, then renamed into place, so a
 //! crash mid-save never leaves a half checkpoint that looks complete.
@@ -17,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ResumeFrom;
 use crate::data::DataPosition;
-use crate::model::{ModelFiles, Qwen2};
+use crate::model::lora::ADAPTER_CONFIG;
+use crate::model::{AdapterFolder, LoraSpec, ModelFiles, Qwen2};
 use crate::optim::AdamW;
 
 /// Model weights file name inside a checkpoint (HF's single-file layout).
@@ -52,13 +55,60 @@ pub struct TrainerState {
 
 /// Everything that goes into one checkpoint.
 pub struct Checkpoint<'a> {
-    /// Model tensors with their HF names (a tied lm_head is not listed).
+    /// Model tensors with their HF names (a tied lm_head is not listed); for a LoRA policy its
+    /// adapter matrices.
     pub model: &'a [(String, Tensor)],
+    /// Set for a LoRA policy: `model` is written as a PEFT adapter, not as model.safetensors.
+    pub adapter: Option<AdapterFormat<'a>>,
     /// Optimiser state tensors by name.
     pub optimizer: &'a HashMap<String, Tensor>,
     pub state: &'a TrainerState,
     /// Model-side files copied verbatim: config.json, tokenizer files, generation_config.json.
     pub model_files: &'a [PathBuf],
+}
+
+/// How a LoRA policy is written: its adapter matrices as a PEFT adapter folder.
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterFormat<'a> {
+    pub spec: &'a LoraSpec,
+    /// The base model, written as `base_model_name_or_path`.
+    pub base_model_name_or_path: &'a str,
+}
+
+/// What a run writes with the policy's weights, into every checkpoint and the final folder.
+pub struct ModelOutputs {
+    /// Files copied verbatim (see [`model_side_files`]).
+    pub files: Vec<PathBuf>,
+    /// The base model a LoRA policy's adapter_config.json names (model_name_or_path).
+    pub base_model: String,
+}
+
+impl ModelOutputs {
+    /// The outputs of a run training `policy` from `files`, given as `base_model`.
+    pub fn new(files: &ModelFiles, base_model: &str, policy: &Qwen2) -> Result<Self> {
+        Ok(Self {
+            files: model_side_files(files, policy.lora().is_some())?,
+            base_model: base_model.to_string(),
+        })
+    }
+
+    /// How `policy` is written: as a PEFT adapter when it has LoRA adapters.
+    pub fn adapter_format<'a>(&'a self, policy: &'a Qwen2) -> Option<AdapterFormat<'a>> {
+        policy.lora().map(|spec| AdapterFormat {
+            spec,
+            base_model_name_or_path: &self.base_model,
+        })
+    }
+
+    /// Writes `policy` into `dir` (a model folder, or an adapter folder for a LoRA policy).
+    pub fn write_policy(&self, dir: &Path, policy: &Qwen2) -> Result<()> {
+        write_model(
+            dir,
+            &policy_tensors(policy),
+            self.adapter_format(policy),
+            &self.files,
+        )
+    }
 }
 
 /// Writes `output_dir/checkpoint-<global_step>` atomically and prunes the oldest beyond
@@ -92,7 +142,7 @@ pub fn save_with(
             tmp_dir.display()
         )
     })?;
-    write_model(&tmp_dir, ckpt.model, ckpt.model_files)?;
+    write_model(&tmp_dir, ckpt.model, ckpt.adapter, ckpt.model_files)?;
     candle_core::safetensors::save(ckpt.optimizer, tmp_dir.join(OPTIMIZER_FILE))
         .context("cannot write the optimiser state")?;
     let state = serde_json::to_string_pretty(ckpt.state)?;
@@ -112,13 +162,26 @@ pub fn save_with(
     Ok(final_dir)
 }
 
-/// Writes an HF-format model folder: the weights plus the copied model-side files.
-pub fn write_model(dir: &Path, model: &[(String, Tensor)], model_files: &[PathBuf]) -> Result<()> {
+/// Writes an HF-format model folder (the weights plus the copied model-side files), or with
+/// `adapter` a PEFT adapter folder of the adapter matrices `model`.
+pub fn write_model(
+    dir: &Path,
+    model: &[(String, Tensor)],
+    adapter: Option<AdapterFormat>,
+    model_files: &[PathBuf],
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors: HashMap<&str, Tensor> =
-        model.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    candle_core::safetensors::save(&tensors, dir.join(MODEL_FILE))
-        .with_context(|| format!("cannot write {}", dir.join(MODEL_FILE).display()))?;
+    match adapter {
+        Some(format) => {
+            AdapterFolder::write(dir, format.spec, format.base_model_name_or_path, model)?
+        }
+        None => {
+            let tensors: HashMap<&str, Tensor> =
+                model.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            candle_core::safetensors::save(&tensors, dir.join(MODEL_FILE))
+                .with_context(|| format!("cannot write {}", dir.join(MODEL_FILE).display()))?;
+        }
+    }
     for file in model_files {
         let name = file.file_name().context("model file without a name")?;
         std::fs::copy(file, dir.join(name))
@@ -168,12 +231,17 @@ pub fn resume_dir(resume: Option<&ResumeFrom>, output_dir: &Path) -> Result<Opti
     })
 }
 
-/// config.json, generation_config.json and the tokenizer files, copied into every checkpoint.
-pub fn model_side_files(files: &ModelFiles) -> Result<Vec<PathBuf>> {
+/// config.json, generation_config.json and the tokenizer files, copied into every checkpoint;
+/// an `adapter` folder gets the tokenizer files only (its model is the base's, as with PEFT).
+pub fn model_side_files(files: &ModelFiles, adapter: bool) -> Result<Vec<PathBuf>> {
     let dir = files.weights[0]
         .parent()
         .context("weights file without a folder")?;
-    let mut paths: Vec<PathBuf> = ["config.json", "generation_config.json"]
+    let model_files: &[&str] = match adapter {
+        true => &[],
+        false => &["config.json", "generation_config.json"],
+    };
+    let mut paths: Vec<PathBuf> = model_files
         .iter()
         .map(|name| dir.join(name))
         .filter(|p| p.is_file())
@@ -183,7 +251,8 @@ pub fn model_side_files(files: &ModelFiles) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// The policy's weights as (HF name, tensor) pairs for saving.
+/// The policy's trainable weights as (HF name, tensor) pairs for saving (a LoRA policy's: its
+/// adapter matrices).
 pub fn policy_tensors(policy: &Qwen2) -> Vec<(String, Tensor)> {
     policy
         .named_parameters()
@@ -199,27 +268,40 @@ pub fn save_training(
     policy: &Qwen2,
     optimizer: &AdamW,
     state: &TrainerState,
-    model_files: &[PathBuf],
+    outputs: &ModelOutputs,
     save_total_limit: Option<usize>,
     extra: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let model = policy_tensors(policy);
     let ckpt = Checkpoint {
         model: &model,
+        adapter: outputs.adapter_format(policy),
         optimizer: &optimizer.state()?,
         state,
-        model_files,
+        model_files: &outputs.files,
     };
     save_with(output_dir, &ckpt, save_total_limit, extra)
 }
 
-/// Restores weights, optimiser state and progress from a checkpoint, refusing one of another
-/// model shape.
+/// Restores weights (a LoRA policy's adapter matrices), optimiser state and progress from a
+/// checkpoint, refusing one of another model shape or kind.
 pub fn restore(dir: &Path, policy: &Qwen2, optimizer: &mut AdamW) -> Result<TrainerState> {
     let (state, optimizer_state) = load_state(dir)?;
-    let weights_path = dir.join(MODEL_FILE);
-    let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-        .with_context(|| format!("cannot read {}", weights_path.display()))?;
+    let weights = match policy.lora() {
+        Some(spec) => saved_adapter(dir, spec)?,
+        None => {
+            let weights_path = dir.join(MODEL_FILE);
+            if !weights_path.is_file() && AdapterFolder::is_adapter(dir) {
+                bail!(
+                    "checkpoint {} holds a LoRA adapter ({ADAPTER_CONFIG}), not a whole model: \
+                     resume it with use_peft = true and its LoRA settings",
+                    dir.display()
+                );
+            }
+            candle_core::safetensors::load(&weights_path, &Device::Cpu)
+                .with_context(|| format!("cannot read {}", weights_path.display()))?
+        }
+    };
     for (name, var) in policy.named_parameters() {
         let saved = weights.get(name).with_context(|| {
             format!(
@@ -240,6 +322,33 @@ pub fn restore(dir: &Path, policy: &Qwen2, optimizer: &mut AdamW) -> Result<Trai
     }
     optimizer.load_state(&optimizer_state)?;
     Ok(state)
+}
+
+/// The adapter matrices of a LoRA checkpoint, which must have the adapters' shape `spec`.
+fn saved_adapter(dir: &Path, spec: &LoraSpec) -> Result<HashMap<String, Tensor>> {
+    if !AdapterFolder::is_adapter(dir) {
+        bail!(
+            "checkpoint {} holds no LoRA adapter ({ADAPTER_CONFIG}): it was saved by a full \
+             fine-tuning run; resume it with use_peft = false",
+            dir.display()
+        );
+    }
+    let saved = AdapterFolder::read(dir)?;
+    let shape = |s: &LoraSpec| (s.r, s.alpha, s.target_modules.clone());
+    ensure!(
+        shape(&saved.spec) == shape(spec),
+        "checkpoint {} holds LoRA adapters with r {}, lora_alpha {} on {:?}, but this run's have \
+         r {}, lora_alpha {} on {:?}: resume with the checkpoint's lora_r, lora_alpha and \
+         lora_target_modules",
+        dir.display(),
+        saved.spec.r,
+        saved.spec.alpha,
+        saved.spec.target_modules,
+        spec.r,
+        spec.alpha,
+        spec.target_modules
+    );
+    Ok(saved.weights)
 }
 
 /// Reads a checkpoint's trainer state and optimiser tensors.

@@ -1,7 +1,7 @@
 //! The command line: `grpo train | sft | eval | sample | score`, each reading the same config
-//! (`--config`, `--set`, `--print-config`), the tools `grpo data synth`, `grpo plot` and
-//! `grpo init-model`, plus logging setup and the mapping of errors to exit codes. Each command is
-//! one function called from [`run`].
+//! (`--config`, `--set`, `--print-config`), the tools `grpo data synth`, `grpo plot`,
+//! `grpo init-model` and `grpo merge`, plus logging setup and the mapping of errors to exit
+//! codes. Each command is one function called from [`run`].
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Write};
@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::Config;
 use crate::eval::{self, EvalOptions};
 use crate::rewards::RewardSet;
-use crate::sample::{self, PromptSource};
+use crate::sample::{self, ModelChoice, PromptSource};
 use crate::score::score_jsonl;
 
 /// GRPO (the rule-reward RL of DeepSeek-R1-Zero) for Qwen2.5 and Qwen3 chat models.
@@ -66,14 +66,16 @@ logs and checkpoints as train."
     /// Evaluate a model or checkpoint on a dataset split.
     #[command(
         long_about = "Evaluate a model or checkpoint on a dataset split: sample \
-completions for each question and report the mean of each reward and of their weighted sum."
+completions for each question and report the mean of each reward and of their weighted sum. \
+A PEFT LoRA adapter folder (a use_peft checkpoint) is evaluated on its base model."
     )]
     Eval(EvalArgs),
 
     /// Generate completions for one prompt.
     #[command(
         long_about = "Generate completions for one prompt, given as text or as a row \
-of the training split, with the config's system prompt, chat template and sampling settings."
+of the training split, with the config's system prompt, chat template and sampling settings. \
+A PEFT LoRA adapter folder (a use_peft checkpoint) is sampled on its base model."
     )]
     Sample(SampleArgs),
 
@@ -97,6 +99,17 @@ and generation_config.json, plus tokenizer.json and tokenizer_config.json from -
 model_name_or_path can then point at it."
     )]
     InitModel(InitModelArgs),
+
+    /// Merge a PEFT LoRA adapter into its base model, writing a full model folder.
+    #[command(
+        long_about = "Merge a PEFT LoRA adapter (a use_peft checkpoint or final output_dir, or \
+any adapter PEFT saved) into its base model: every targeted weight becomes W + (lora_alpha / r) \
+B A, as PEFT's merge_and_unload does. OUT gets a full model that transformers and grpo load \
+without PEFT: config.json, model.safetensors (f32), generation_config.json and the base's \
+tokenizer files. The base is the adapter's base_model_name_or_path unless --base-model says \
+otherwise."
+    )]
+    Merge(MergeArgs),
 
     /// Make or inspect datasets.
     #[command(subcommand)]
@@ -193,9 +206,15 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
 
-    /// Checkpoint folder to evaluate (default: model_name_or_path from the config).
+    /// Checkpoint folder to evaluate: a model, or a PEFT adapter on its base (default:
+    /// model_name_or_path from the config, with adapter_name_or_path).
     #[arg(long, value_name = "DIR")]
     pub checkpoint: Option<PathBuf>,
+
+    /// The base model (folder or hub id) of an adapter --checkpoint (default: the
+    /// base_model_name_or_path in its adapter_config.json).
+    #[arg(long, value_name = "MODEL", requires = "checkpoint")]
+    pub base_model: Option<String>,
 
     /// Dataset split to evaluate on (default: dataset_test_split from the config).
     #[arg(long, value_name = "NAME")]
@@ -236,6 +255,16 @@ pub struct SampleArgs {
     /// Print one JSON object per completion instead of plain text.
     #[arg(long)]
     pub json: bool,
+
+    /// Model folder to sample from: a model, or a PEFT adapter on its base (default:
+    /// model_name_or_path from the config, with adapter_name_or_path).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+
+    /// The base model (folder or hub id) of an adapter --checkpoint (default: the
+    /// base_model_name_or_path in its adapter_config.json).
+    #[arg(long, value_name = "MODEL", requires = "checkpoint")]
+    pub base_model: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -267,6 +296,22 @@ pub struct InitModelArgs {
     pub tokenizer_from: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The PEFT adapter folder (adapter_config.json and adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+
+    /// Folder to write the merged model into (created; must not hold a model or adapter).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// The base model (folder or hub id) to merge into (default: the adapter's
+    /// base_model_name_or_path).
+    #[arg(long, value_name = "MODEL")]
+    pub base_model: Option<String>,
+}
+
 /// Parses arguments, runs the command, maps errors to a non-zero exit.
 pub fn main() -> ExitCode {
     // Usage errors exit here with clap's code 2; --help and --version with 0.
@@ -293,6 +338,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Synth(args)) => data_synth(args),
         Command::Plot(args) => plot(args),
         Command::InitModel(args) => init_model(args),
+        Command::Merge(args) => merge(args),
     }
 }
 
@@ -316,6 +362,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     };
     let options = EvalOptions {
         checkpoint: args.checkpoint,
+        base_model: args.base_model,
         split: args.split,
         limit: args.limit.map(usize::try_from).transpose()?,
         num_samples: args.num_samples.map_or(Ok(1), usize::try_from)?,
@@ -345,7 +392,8 @@ fn sample(args: SampleArgs) -> Result<()> {
         ),
     };
     let num_generations = args.num_generations.map(usize::try_from).transpose()?;
-    let completions = sample::run(&config, &source, num_generations)?;
+    let model = ModelChoice::new(&config, args.checkpoint.as_deref(), args.base_model);
+    let completions = sample::run(&config, &model, &source, num_generations)?;
     let mut stdout = io::stdout().lock();
     if args.json {
         sample::write_json(&mut stdout, &completions)?;
@@ -397,6 +445,12 @@ fn init_model(args: InitModelArgs) -> Result<()> {
         args.tokenizer_from.as_deref(),
     )?;
     tracing::info!("wrote a random model to {}", args.out.display());
+    Ok(())
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    crate::merge::merge(&args.adapter, args.base_model.as_deref(), &args.out)?;
+    println!("wrote the merged model to {}", args.out.display());
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::grpo::{LossType, ScaleRewards};
+use crate::model::lora;
 pub use crate::optim::LrSchedulerType;
 use crate::{prompt, rewards};
 
@@ -97,6 +98,17 @@ pub struct Config {
     pub reward_retries: usize,
     pub device: DeviceChoice,
 
+    // LoRA (TRL's ModelConfig names).
+    pub use_peft: bool,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    #[serde(deserialize_with = "one_or_many_strings")]
+    pub lora_target_modules: Vec<String>,
+    pub lora_modules_to_save: Option<Vec<String>>,
+    /// Ours: a PEFT adapter folder to continue training (with `use_peft`).
+    pub adapter_name_or_path: Option<String>,
+
     // Optimisation (TrainingArguments).
     pub learning_rate: f64,
     pub adam_beta1: f64,
@@ -176,6 +188,14 @@ impl Default for Config {
             reward_timeout: 300.0,
             reward_retries: 2,
             device: DeviceChoice::Auto,
+
+            use_peft: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_target_modules: lora::TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
+            lora_modules_to_save: None,
+            adapter_name_or_path: None,
 
             learning_rate: 1e-6,
             adam_beta1: 0.9,
@@ -340,6 +360,61 @@ impl Config {
                 "dataset_config",
                 Quoted(subset),
                 "a non-empty config (subset) name, or unset",
+            );
+        }
+
+        check.positive("lora_r", self.lora_r);
+        check.that(
+            self.lora_alpha > 0.0 && self.lora_alpha.is_finite(),
+            "lora_alpha",
+            self.lora_alpha,
+            "a finite number > 0 (the adapters' update is scaled by lora_alpha / lora_r)",
+        );
+        check.that(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "lora_dropout",
+            self.lora_dropout,
+            "a number in [0, 1)",
+        );
+        let unknown = self
+            .lora_target_modules
+            .iter()
+            .find(|name| !lora::TARGET_MODULES.contains(&name.as_str()));
+        check.that(
+            lora::target_modules(&self.lora_target_modules).is_ok(),
+            "lora_target_modules",
+            Quoted(&self.lora_target_modules),
+            &format!(
+                "names from {}, each once, or \"{}\" alone{}",
+                one_of(&lora::TARGET_MODULES),
+                lora::ALL_LINEAR,
+                unknown.map_or(String::new(), |name| did_you_mean(
+                    name,
+                    &lora::TARGET_MODULES
+                ))
+            ),
+        );
+        if let Some(modules) = &self.lora_modules_to_save {
+            check.that(
+                modules.is_empty(),
+                "lora_modules_to_save",
+                Quoted(modules),
+                "unset or an empty list: training whole modules beside the adapters is not \
+                 supported (only the LoRA matrices are trained)",
+            );
+        }
+        if let Some(adapter) = &self.adapter_name_or_path {
+            check.that(
+                !adapter.trim().is_empty(),
+                "adapter_name_or_path",
+                Quoted(adapter),
+                "a PEFT adapter folder, or unset",
+            );
+            check.that(
+                self.use_peft,
+                "adapter_name_or_path",
+                Quoted(adapter),
+                "unset unless use_peft = true (it is the LoRA adapter training continues)",
             );
         }
 

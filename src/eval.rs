@@ -21,7 +21,7 @@ use crate::data::Dataset;
 use crate::device::Runtime;
 use crate::progress::Progress;
 use crate::rewards::{extract_answer, Completion, RewardParams, RewardSet};
-use crate::sample::{GeneratedText, Generator};
+use crate::sample::{GeneratedText, Generator, ModelChoice};
 use crate::sampling::SamplingParams;
 
 /// Questions completed per generation batch.
@@ -32,8 +32,11 @@ const HARD_FORMAT_MAX: f64 = 0.5;
 /// What to evaluate, besides the config.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EvalOptions {
-    /// An HF-format model folder (e.g. `output_dir/checkpoint-N`); `None`: model_name_or_path.
+    /// An HF-format model folder (e.g. `output_dir/checkpoint-N`) or a PEFT adapter folder;
+    /// `None`: model_name_or_path (with adapter_name_or_path).
     pub checkpoint: Option<PathBuf>,
+    /// The base model of an adapter `checkpoint`; `None`: its base_model_name_or_path.
+    pub base_model: Option<String>,
     /// `None`: the config's `dataset_test_split`.
     pub split: Option<String>,
     /// Only the first N rows of the split.
@@ -127,8 +130,8 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
         Some(dir) => {
             if !dir.is_dir() {
                 bail!(
-                    "--checkpoint {}: no such folder (give an HF-format model folder such as \
-                     output_dir/checkpoint-N)",
+                    "--checkpoint {}: no such folder (give an HF-format model or PEFT adapter \
+                     folder such as output_dir/checkpoint-N)",
                     dir.display()
                 );
             }
@@ -150,8 +153,13 @@ pub fn run(config: &Config, options: &EvalOptions) -> Result<EvalReport> {
         None,
         RewardParams::from_config(config),
     )?;
+    let choice = ModelChoice::new(
+        config,
+        options.checkpoint.as_deref(),
+        options.base_model.clone(),
+    );
     let generator = Generator::load(
-        &model,
+        &choice,
         &config.model_revision,
         config,
         &Runtime::from_config(config)?,

@@ -15,6 +15,7 @@ pub mod grpo;
 pub mod hub;
 pub mod init_model;
 pub mod memory;
+pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -1,7 +1,7 @@
 //! How the commands turn the [`Config`] into the parameters of the pieces below them: the
-//! optimiser, the schedule, the rewards, sampling, the dataset and the prompts know nothing of
-//! the config (layers only look down); each `from_config` here is the one place a config field
-//! reaches them.
+//! optimiser, the schedule, the rewards, sampling, the dataset, the prompts and the LoRA
+//! adapters know nothing of the config (layers only look down); each `from_config` here is the
+//! one place a config field reaches them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use anyhow::Result;
 
 use crate::config::Config;
 use crate::data::{Dataset, DatasetSpec};
+use crate::model::{lora, LoraSpec};
 use crate::optim::{warmup_steps, AdamWParams, LrSchedule};
 use crate::prompt::{ChatTokenizer, Prompter};
 use crate::rewards::external::{self, ExternalParams};
@@ -116,5 +117,19 @@ impl Prompter {
         let system_prompt = Some(cfg.system_prompt.clone()).filter(|s| !s.is_empty());
         Self::new(tokenizer, system_prompt, cfg.max_prompt_length)?
             .with_chat_template_kwargs(cfg.chat_template_kwargs.clone())
+    }
+}
+
+impl LoraSpec {
+    /// The config's LoRA shape: `lora_r`, `lora_alpha`, `lora_dropout` and
+    /// `lora_target_modules` (`"all-linear"` expanded).
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            r: cfg.lora_r,
+            alpha: cfg.lora_alpha,
+            dropout: cfg.lora_dropout,
+            target_modules: lora::target_modules(&cfg.lora_target_modules)
+                .map_err(|problem| anyhow::anyhow!("lora_target_modules: {problem}"))?,
+        })
     }
 }

@@ -1,17 +1,46 @@
-//! What `grpo train` and `grpo sft` share around their loops: starting fresh or from
-//! `resume_from_checkpoint`, the metrics log and `log_history`, saving on `save_steps`, on
-//! Ctrl-C or before an error stops the loop, and writing the final model.
+//! What `grpo train` and `grpo sft` share around their loops: the policy they train (the whole
+//! model, or LoRA adapters on a frozen base), starting fresh or from `resume_from_checkpoint`,
+//! the metrics log and `log_history`, saving on `save_steps`, on Ctrl-C or before an error stops
+//! the loop, and writing the final model (or adapter).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, ModelOutputs, TrainerState};
 use crate::config::Config;
+use crate::device::Runtime;
 use crate::metrics::{MetricsLog, StepMetrics};
-use crate::model::{ModelFiles, Qwen2};
+use crate::model::{AdapterFolder, LoraSpec, ModelFiles, Qwen2};
 use crate::optim::AdamW;
+
+/// The policy a config trains, computing in the runtime's dtype: the whole model as f32
+/// `Var`s, or with `use_peft` the base frozen in the compute dtype carrying trainable LoRA
+/// adapters, those of `adapter_name_or_path` (whose adapter_config.json then sets their shape)
+/// or new ones (PEFT's initialisation, drawn from `seed`).
+pub fn load_policy(cfg: &Config, files: &ModelFiles, runtime: &Runtime) -> Result<Qwen2> {
+    if !cfg.use_peft {
+        return Qwen2::load_policy(files, &runtime.device)?
+            .with_compute_dtype(runtime.compute_dtype);
+    }
+    let base = Qwen2::load_base(files, &runtime.device, runtime.compute_dtype)?;
+    let configured = LoraSpec::from_config(cfg)?;
+    let Some(dir) = &cfg.adapter_name_or_path else {
+        return base.with_new_adapters(configured, cfg.seed);
+    };
+    let context = || format!("adapter_name_or_path = {dir:?}");
+    let adapter = AdapterFolder::read(Path::new(dir)).with_context(context)?;
+    if adapter.spec != configured {
+        info!(
+            "continuing the adapter {dir}: its r {}, lora_alpha {}, lora_dropout {} and target \
+             modules {:?} apply, not the config's lora_* values",
+            adapter.spec.r, adapter.spec.alpha, adapter.spec.dropout, adapter.spec.target_modules
+        );
+    }
+    base.with_adapters(adapter.spec, adapter.weights)
+        .with_context(context)
+}
 
 /// One training run's progress and outputs.
 pub struct Run {
@@ -20,7 +49,7 @@ pub struct Run {
     pub resumed_from: Option<PathBuf>,
     output_dir: PathBuf,
     log: MetricsLog,
-    model_files: Vec<PathBuf>,
+    outputs: ModelOutputs,
     save_steps: usize,
     save_total_limit: Option<usize>,
 }
@@ -60,7 +89,7 @@ impl Run {
         Ok(Run {
             state,
             resumed_from: resume_dir,
-            model_files: checkpoint::model_side_files(files)?,
+            outputs: ModelOutputs::new(files, &cfg.model_name_or_path, policy)?,
             output_dir,
             log,
             save_steps: cfg.save_steps,
@@ -148,19 +177,16 @@ impl Run {
             policy,
             optimizer,
             &self.state,
-            &self.model_files,
+            &self.outputs,
             self.save_total_limit,
             extra,
         )
     }
 
-    /// Writes the trained model into `output_dir` as an HF folder.
+    /// Writes the trained model into `output_dir` as an HF folder (a LoRA policy: as a PEFT
+    /// adapter folder).
     pub fn finish(&self, policy: &Qwen2) -> Result<()> {
-        checkpoint::write_model(
-            &self.output_dir,
-            &checkpoint::policy_tensors(policy),
-            &self.model_files,
-        )?;
+        self.outputs.write_policy(&self.output_dir, policy)?;
         info!("done: final model in {}", self.output_dir.display());
         Ok(())
     }

@@ -2,10 +2,12 @@
 //! each scored with the configured rewards and given its group advantage, printed as text or as
 //! one JSON object per line.
 //!
-//! It also owns the [`Generator`] that `grpo eval` shares: a model, its tokenizer and the
-//! config's prompt settings, turning questions into decoded completions.
+//! It also owns the [`Generator`] that `grpo eval` shares: a model (a model folder, or a PEFT
+//! adapter folder on its base: [`ModelChoice`]), its tokenizer and the config's prompt
+//! settings, turning questions into decoded completions.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -15,7 +17,7 @@ use crate::config::Config;
 use crate::data::{Dataset, Example};
 use crate::device::Runtime;
 use crate::grpo;
-use crate::model::{ModelFiles, Qwen2};
+use crate::model::{AdapterFolder, ModelFiles, Qwen2};
 use crate::prompt::{ChatTokenizer, Message, Prompter};
 use crate::rewards::{Completion, RewardSet};
 use crate::sampling::{generate_on, GenerationSpec, SamplingParams, StopTokens};
@@ -73,10 +75,70 @@ impl SampledCompletion {
     }
 }
 
-/// Samples `num_generations` completions (the config's when `None`) for `source` with the
-/// config's model, system prompt, sampling settings and seed, and scores them.
+/// The model `grpo sample` and `grpo eval` complete with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelChoice {
+    /// A model folder or hub id, or a PEFT adapter folder (one holding adapter_config.json).
+    pub model: String,
+    /// A LoRA adapter folder put on `model` (the config's `adapter_name_or_path`).
+    pub adapter: Option<String>,
+    /// The base model of an adapter folder given as `model` (`--base-model`); unset: the one
+    /// its adapter_config.json names (`base_model_name_or_path`).
+    pub base_model: Option<String>,
+}
+
+impl ModelChoice {
+    /// `checkpoint` (`--checkpoint`) when given, else the config's model and adapter
+    /// (`model_name_or_path`, `adapter_name_or_path`); `base_model` is `--base-model`.
+    pub fn new(config: &Config, checkpoint: Option<&Path>, base_model: Option<String>) -> Self {
+        match checkpoint {
+            Some(dir) => Self {
+                model: dir.display().to_string(),
+                adapter: None,
+                base_model,
+            },
+            None => Self {
+                model: config.model_name_or_path.clone(),
+                adapter: config.adapter_name_or_path.clone(),
+                base_model,
+            },
+        }
+    }
+
+    /// The model's files (an adapter's base) and the adapter to put on it, if any.
+    fn resolve(&self, revision: &str) -> Result<(ModelFiles, Option<AdapterFolder>)> {
+        let dir = Path::new(&self.model);
+        if AdapterFolder::is_adapter(dir) {
+            let adapter = AdapterFolder::read(dir)?;
+            let files = adapter.base_model_files(dir, self.base_model.as_deref(), revision)?;
+            return Ok((files, Some(adapter)));
+        }
+        if let Some(base) = &self.base_model {
+            bail!(
+                "--base-model {base} is for a PEFT adapter folder, but {} holds no \
+                 adapter_config.json",
+                self.model
+            );
+        }
+        let files = ModelFiles::resolve(&self.model, revision)?;
+        let adapter = self
+            .adapter
+            .as_deref()
+            .map(|dir| {
+                AdapterFolder::read(Path::new(dir))
+                    .with_context(|| format!("adapter_name_or_path = {dir:?}"))
+            })
+            .transpose()?;
+        Ok((files, adapter))
+    }
+}
+
+/// Samples `num_generations` completions (the config's when `None`) for `source` with `model`
+/// (see [`ModelChoice`]) and the config's system prompt, sampling settings and seed, and scores
+/// them.
 pub fn run(
     config: &Config,
+    model: &ModelChoice,
     source: &PromptSource,
     num_generations: Option<usize>,
 ) -> Result<Vec<SampledCompletion>> {
@@ -103,7 +165,7 @@ pub fn run(
     };
     let rewards = RewardSet::from_config(config)?;
     let generator = Generator::load(
-        &config.model_name_or_path,
+        model,
         &config.model_revision,
         config,
         &Runtime::from_config(config)?,
@@ -220,22 +282,22 @@ pub struct Generator {
     prompter: Prompter,
     stop: StopTokens,
     max_new_tokens: usize,
-    /// The model folder or hub id, named in errors.
+    /// The model folder or hub id (or adapter folder), named in errors.
     source: String,
     compute_dtype: candle_core::DType,
 }
 
 impl Generator {
-    /// Loads the model at `model_name_or_path` (a local folder or a hub id at `revision`) and the
-    /// tokenizer files next to its weights; prompts use the config's system prompt and
-    /// `max_prompt_length`, completions its `max_completion_length`.
+    /// Loads `choice` (a local folder or a hub id at `revision`, or an adapter on its base) and
+    /// the tokenizer files next to the (base) model's weights; prompts use the config's system
+    /// prompt and `max_prompt_length`, completions its `max_completion_length`.
     pub fn load(
-        model_name_or_path: &str,
+        choice: &ModelChoice,
         revision: &str,
         config: &Config,
         runtime: &Runtime,
     ) -> Result<Self> {
-        let files = ModelFiles::resolve(model_name_or_path, revision)?;
+        let (files, adapter) = choice.resolve(revision)?;
         let tokenizer = ChatTokenizer::from_dir(&files.tokenizer_dir()?)?;
         let stop = StopTokens::resolve(&files, &tokenizer)?;
         // Before the first tensor operation: it may make candle's kernels single-threaded.
@@ -244,9 +306,15 @@ impl Generator {
             &runtime.device,
             files.config.hidden_size,
         )?;
-        let model = Qwen2::load_reference(&files, &runtime.device)?
-            .with_compute_dtype(runtime.compute_dtype)?;
+        let model = match adapter {
+            None => Qwen2::load_reference(&files, &runtime.device)?
+                .with_compute_dtype(runtime.compute_dtype)?,
+            Some(adapter) => Qwen2::load_base(&files, &runtime.device, runtime.compute_dtype)?
+                .with_adapters(adapter.spec, adapter.weights)?
+                .inference_copy()?,
+        };
         let prompter = Prompter::from_config(Arc::new(tokenizer), config)?;
+        let model_name_or_path = &choice.model;
         tracing::info!(
             "loaded {model_name_or_path} ({} layers, vocab {}) on {runtime}",
             files.config.num_hidden_layers,

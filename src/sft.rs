@@ -5,8 +5,8 @@
 //! {answer}\n</answer>` followed by the end-of-turn token; the prompt is the same chat prompt GRPO
 //! uses. The loss is the cross-entropy of the target tokens only (the prompt is context),
 //! averaged over all target tokens of the optimiser step, as the HF Trainer does with gradient
-//! accumulation. Batching, AdamW, the schedule, clipping, logs, checkpoints, resume and Ctrl-C
-//! are those of `grpo train`.
+//! accumulation. Batching, AdamW, the schedule, clipping, logs, checkpoints, resume, Ctrl-C and
+//! LoRA (`use_peft`) are those of `grpo train`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock};
@@ -22,12 +22,12 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::data::{normalize_answer, Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
-use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
+use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles};
 use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
 use crate::prompt::{left_pad, ChatTokenizer, Prompter};
-use crate::run::Run;
+use crate::run::{self, Run};
 use crate::sampling::StopTokens;
-use crate::train::total_optimizer_steps;
+use crate::train::{dropout_seed, total_optimizer_steps};
 
 /// GSM8K's calculator annotations, `<<48/2=24>>`, which the targets leave out.
 static CALCULATOR_ANNOTATION: LazyLock<Regex> =
@@ -74,7 +74,7 @@ pub fn sft(cfg: &Config) -> Result<()> {
     let end_of_turn = tokenizer
         .token_to_id("<|im_end|>")
         .unwrap_or(stop.first_eos());
-    let policy = Qwen2::load_policy(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?;
+    let policy = run::load_policy(cfg, &files, &runtime)?;
     let spec = DatasetSpec {
         answer_column: cfg.dataset_solution_column.clone(),
         ..DatasetSpec::from_config(cfg, &cfg.dataset_train_split)
@@ -143,8 +143,9 @@ pub fn sft(cfg: &Config) -> Result<()> {
         let target_tokens: usize = batches.iter().map(|b| b.num_tokens).sum();
         let mut grads = Gradients::new();
         let mut loss_value = 0.0;
-        for batch in &batches {
-            let logps = grouped_completion_logprobs(&policy, &batch.grouped(), 1.0, false)?;
+        for (index, batch) in batches.iter().enumerate() {
+            let training = policy.in_training(dropout_seed(cfg.seed, step, index as u64));
+            let logps = grouped_completion_logprobs(&training, &batch.grouped(), 1.0, false)?;
             let mask = batch.target_mask.to_dtype(logps.logprobs.dtype())?;
             let loss = ((logps.logprobs * mask)?.sum_all()?.neg()? / target_tokens as f64)?;
             loss_value += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;

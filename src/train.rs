@@ -10,6 +10,9 @@
 //!    completions of it, their gradients summed into it), reference log-probs without a graph,
 //!    the GRPO loss normalised by the whole micro-batch, backward, gradients accumulated by
 //!    parameter name, the chunk's graph dropped before the next one;
+//!
+//!    with `use_peft` the trained parameters are LoRA adapters on the frozen base, and the
+//!    reference is that base with the adapters switched off (no second model);
 //! 5. clip by global norm, AdamW at the scheduled learning rate (skipped, weights untouched, when
 //!    the loss or a gradient is not finite);
 //! 6. log (with the step's peak memory), save checkpoints on schedule, stop cleanly on Ctrl-C
@@ -42,7 +45,7 @@ use crate::optim::{AdamW, AdamWParams, DecayGrouping, Gradients, LrSchedule};
 use crate::prompt::{left_pad, ChatTokenizer, Prompter};
 use crate::rewards::external::TrainerProgress;
 use crate::rewards::{Completion, RewardSet};
-use crate::run::Run;
+use crate::run::{self, Run};
 use crate::sampling::{self, GenerationSpec, SamplingParams, StopTokens};
 use crate::timing::{PhaseTimes, Stopwatch};
 use crate::workers::Workers;
@@ -74,9 +77,11 @@ pub fn train(cfg: &Config) -> Result<()> {
     let tokenizer = Arc::new(ChatTokenizer::from_dir(&files.tokenizer_dir()?)?);
     let prompter = Prompter::from_config(tokenizer.clone(), cfg)?;
     let stop = StopTokens::resolve(&files, &tokenizer)?;
-    let policy = Qwen2::load_policy(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?;
+    let policy = run::load_policy(cfg, &files, &runtime)?;
     let reference = match cfg.beta {
         0.0 => None,
+        // LoRA: the policy's own frozen base, adapters off; no reference weights are loaded.
+        _ if cfg.use_peft => Some(policy.without_adapters()?),
         _ => Some(
             Qwen2::load_reference(&files, &device)?.with_compute_dtype(runtime.compute_dtype)?,
         ),
@@ -194,9 +199,11 @@ pub fn train(cfg: &Config) -> Result<()> {
         let mut loss_value = 0.0;
         let mut micro_metrics = Vec::new();
         let mut entropy = Vec::new();
-        for rollout in &rollouts {
+        for (index, rollout) in rollouts.iter().enumerate() {
+            // LoRA dropout draws its masks from (seed, step, micro-step): resuming redraws them.
+            let training = policy.in_training(dropout_seed(cfg.seed, step, index as u64));
             let micro = micro_step(
-                &policy,
+                &training,
                 reference.as_ref(),
                 &rollout.batch,
                 cfg,
@@ -799,6 +806,11 @@ pub fn total_optimizer_steps(cfg: &Config, num_examples: usize) -> Result<usize>
         cfg.num_train_epochs
     );
     Ok(steps as usize)
+}
+
+/// The seed of one micro-step's LoRA dropout masks, independent of its sampling seed.
+pub(crate) fn dropout_seed(seed: u64, step: u64, micro: u64) -> u64 {
+    derive_seed(derive_seed(seed, step, micro), u64::MAX, u64::MAX)
 }
 
 /// A seed for one micro-step's sampling, independent of everything but its inputs.

@@ -26,6 +26,7 @@ fn save_step(dir: &std::path::Path, step: u64, limit: Option<usize>) -> std::pat
     std::fs::write(&config, "{}").unwrap();
     let ckpt = Checkpoint {
         model: &model,
+        adapter: None,
         optimizer: &optimizer,
         state: &state,
         model_files: &[config],

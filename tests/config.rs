@@ -92,6 +92,23 @@ fn defaults_are_trl_0_14_and_hf_training_arguments() {
     assert_eq!(c.reward_funcs, rewards::SEED_REWARDS);
     assert_eq!(c.reward_weights(), vec![1.0; rewards::SEED_REWARDS.len()]);
     assert_eq!(c.device, DeviceChoice::Auto);
+    // LoRA: TRL ModelConfig's defaults, targets the seven Qwen projections.
+    assert!(!c.use_peft);
+    assert_eq!((c.lora_r, c.lora_alpha, c.lora_dropout), (16, 32.0, 0.05));
+    assert_eq!(
+        c.lora_target_modules,
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+        ]
+    );
+    assert_eq!(c.lora_modules_to_save, None);
+    assert_eq!(c.adapter_name_or_path, None);
     c.validate().expect("the defaults are valid");
 }
 
@@ -648,6 +665,12 @@ fn to_toml_round_trips() {
         "device=cpu",
         "chat_template_kwargs={enable_thinking=false, depth=2, name=\"x\", tags=[1, 2]}",
         "system_prompt='''a \"quoted\" \\ line\n'''",
+        "use_peft=true",
+        "lora_r=4",
+        "lora_alpha=7.5",
+        "lora_target_modules=\"all-linear\"",
+        "lora_modules_to_save=[]",
+        "adapter_name_or_path=runs/adapter",
     ])
     .unwrap();
     assert_round_trips(&every_option_set);
@@ -683,6 +706,9 @@ fn to_toml_lists_every_field() {
         "resume_from_checkpoint=true",
         "dataset_config=main",
         "chat_template_kwargs={enable_thinking=false}",
+        "use_peft=true",
+        "lora_modules_to_save=[]",
+        "adapter_name_or_path=runs/adapter",
     ])
     .unwrap();
     for config in [Config::default(), every_option_set] {
@@ -705,5 +731,53 @@ fn to_toml_lists_every_field() {
         listed.extend(unset);
         listed.sort();
         assert_eq!(listed, documented, "to_toml output:\n{text}");
+    }
+}
+
+/// The LoRA fields: a string or a list of target modules, and every bad value refused naming the
+/// field and what is allowed.
+#[test]
+fn lora_fields_are_validated() {
+    let config = load_overrides(&["use_peft=true", "lora_target_modules=\"all-linear\""]).unwrap();
+    assert_eq!(config.lora_target_modules, ["all-linear"]);
+    let config = load_overrides(&["lora_target_modules=[\"v_proj\", \"q_proj\"]"]).unwrap();
+    assert_eq!(config.lora_target_modules, ["v_proj", "q_proj"]);
+    for (set, parts) in [
+        (&["lora_r=0"][..], &["lora_r", "0", "[1, 2147483647]"][..]),
+        (&["lora_alpha=0.0"], &["lora_alpha", "0", "> 0"]),
+        (&["lora_dropout=1.0"], &["lora_dropout", "1", "[0, 1)"]),
+        (&["lora_dropout=-0.1"], &["lora_dropout", "-0.1", "[0, 1)"]),
+        (
+            &["lora_target_modules=[\"q_proj\", \"qproj\"]"],
+            &[
+                "lora_target_modules",
+                "qproj",
+                "did you mean \"q_proj\"",
+                "all-linear",
+            ],
+        ),
+        (
+            &["lora_target_modules=[\"q_proj\", \"all-linear\"]"],
+            &["lora_target_modules", "\"all-linear\" alone"],
+        ),
+        (
+            &["lora_target_modules=[\"q_proj\", \"q_proj\"]"],
+            &["lora_target_modules", "each once"],
+        ),
+        (&["lora_target_modules=[]"], &["lora_target_modules", "[]"]),
+        (
+            &["use_peft=true", "lora_modules_to_save=[\"lm_head\"]"],
+            &["lora_modules_to_save", "lm_head", "not supported"],
+        ),
+        (
+            &["adapter_name_or_path=runs/adapter"],
+            &["adapter_name_or_path", "use_peft = true"],
+        ),
+        (
+            &["use_peft=true", "adapter_name_or_path=' '"],
+            &["adapter_name_or_path", "adapter folder"],
+        ),
+    ] {
+        assert_mentions(&error_of(load_overrides(set)), parts);
     }
 }

@@ -386,3 +386,50 @@ fn rates_and_votes_equal_their_recomputation_from_the_samples() {
         }
     }
 }
+
+/// An adapter checkpoint (here PEFT's golden one, as `checkpoint-3`) is evaluated on its base
+/// model and answers exactly as the model `grpo merge` makes of it.
+#[test]
+fn an_adapter_checkpoint_evaluates_like_its_merged_model() {
+    let work = Workspace::new();
+    let adapter = work.dir.path().join("run").join("checkpoint-3");
+    fs::create_dir_all(&adapter).unwrap();
+    for entry in fs::read_dir(golden_dir().join("lora/adapter")).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
+    }
+    let merged = work.dir.path().join("merged");
+    Command::new(env!("CARGO_BIN_EXE_grpo"))
+        .args(["merge", "--adapter"])
+        .arg(&adapter)
+        .arg("--base-model")
+        .arg(golden_dir())
+        .arg("--out")
+        .arg(&merged)
+        .assert()
+        .success();
+    work.eval()
+        .arg("--checkpoint")
+        .arg(&adapter)
+        .arg("--base-model")
+        .arg(golden_dir())
+        .args(["--limit", "4"])
+        .assert()
+        .success();
+    work.eval()
+        .arg("--checkpoint")
+        .arg(&merged)
+        .args(["--limit", "4"])
+        .assert()
+        .success();
+    work.eval().args(["--limit", "4"]).assert().success();
+    let completions = |name: &str| -> Vec<Value> {
+        work.samples(name)
+            .iter()
+            .map(|s| s["completion"].clone())
+            .collect()
+    };
+    assert_eq!(work.report("test-3")["step"], "3");
+    assert_eq!(completions("test-3"), completions("test-final"));
+    assert_ne!(completions("test-3"), completions("test-base"));
+}

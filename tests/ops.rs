@@ -1,14 +1,14 @@
 //! The fused CPU kernels (forward AND backward) against their composite differentiable forms,
-//! plus the attention-bias and position-id helpers.
+//! the frozen-operand ops (a LoRA base layer's), plus the attention-bias and position-id helpers.
 
 use candle_core::{DType, Device, Tensor, Var};
-use grpo::model::fused;
 use grpo::model::ops::{
     apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias, linear,
     linear_composite, merge_heads, merge_heads_composite, position_ids_from_mask, rms_norm,
     rms_norm_composite, rope_tables, softmax_composite, split_heads, split_heads_composite, swiglu,
     swiglu_composite, MASKED_BIAS,
 };
+use grpo::model::{frozen, fused};
 
 fn random(shape: &[usize], seed_scale: f64) -> Var {
     Var::from_tensor(&Tensor::randn(0f32, seed_scale as f32, shape, &Device::Cpu).unwrap()).unwrap()
@@ -273,4 +273,63 @@ fn fused_split_and_merge_heads_match_composite() {
         assert_eq!(fused.dims(), [b, t, heads * d]);
         assert_same_function(&fused, &composite, &[("y", &y)], 1e-6);
     }
+}
+
+/// A frozen weight and bias under a graph (a LoRA base layer) give the product and the
+/// gradient of `x` that `linear_composite` gives, and no gradient at all to the weight or the
+/// bias: the backward's store holds `x`'s gradient alone.
+#[test]
+fn frozen_linear_gives_x_its_gradient_and_the_constants_none() {
+    for (rows, k, n) in [(40, 37, 23), (300, 64, 96)] {
+        let x = random(&[2, rows / 2, k], 1.0);
+        let weight = Tensor::randn(0f32, 0.5, (n, k), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 0.5, n, &Device::Cpu).unwrap();
+        for bias in [Some(&bias), None] {
+            let frozen = linear(x.as_tensor(), &weight, bias).unwrap();
+            assert_eq!(frozen.dims(), [2, rows / 2, n]);
+            let composite = linear_composite(x.as_tensor(), &weight, bias).unwrap();
+            assert_same_function(&frozen, &composite, &[("x", &x)], 1e-5);
+            // (A plain sum: a product with a constant would give that constant a gradient.)
+            let grads = frozen.sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(&weight).is_none() && bias.is_none_or(|b| grads.get(b).is_none()));
+            assert_eq!(grads.get_ids().count(), 1, "only x has a gradient");
+        }
+    }
+}
+
+/// `x * factor` with a constant factor: the product, `g * factor` for `x`, nothing for the factor.
+#[test]
+fn constant_mul_gives_x_its_gradient_and_the_factor_none() {
+    let x = random(&[3, 5, 7], 1.0);
+    let factor = Tensor::randn(0f32, 1.0, (3, 5, 7), &Device::Cpu).unwrap();
+    let product = x
+        .as_tensor()
+        .apply_op1(frozen::ConstantMul {
+            factor: factor.clone(),
+        })
+        .unwrap();
+    let composite = x.as_tensor().mul(&factor).unwrap();
+    assert_eq!(max_diff(&product, &composite), 0.0);
+    let upstream = Tensor::randn(0f32, 1.0, (3, 5, 7), &Device::Cpu).unwrap();
+    let grads = (product * &upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = (upstream * &factor).unwrap();
+    assert_eq!(max_diff(grads.get(x.as_tensor()).unwrap(), &want), 0.0);
+    assert!(grads.get(&factor).is_none());
+}
+
+/// A frozen norm weight gets no gradient from the fused RMSNorm; `x` still gets its own.
+#[test]
+fn fused_rms_norm_gives_a_frozen_weight_no_gradient() {
+    let x = random(&[4, 9, 16], 1.0);
+    let weight = Tensor::randn(0f32, 1.0, 16, &Device::Cpu).unwrap();
+    let fused = rms_norm(x.as_tensor(), &weight, 1e-6).unwrap();
+    let composite = rms_norm_composite(x.as_tensor(), &weight, 1e-6).unwrap();
+    assert_same_function(&fused, &composite, &[("x", &x)], 1e-5);
+    let grads = fused.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&weight).is_none());
 }

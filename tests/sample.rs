@@ -220,3 +220,91 @@ fn no_prompt_and_no_index_is_an_error_saying_what_to_give() {
         .stderr(predicate::str::contains("--prompt TEXT"))
         .stderr(predicate::str::contains("--index N"));
 }
+
+/// The completions of `grpo sample --json` with `args` (greedy: `top_k = 1`).
+fn greedy_texts(dataset: &Path, args: &[&str]) -> Vec<String> {
+    let output = grpo_sample(dataset)
+        .args(["--index", "1", "--num-generations", "2", "--json"])
+        .args(["--set", "top_k=1"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    json_lines(&output.stdout)
+        .iter()
+        .map(|line| line["completion"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A PEFT adapter folder is sampled directly (`--checkpoint`, on `--base-model` or the config's
+/// `adapter_name_or_path`) and completes as the model `grpo merge` makes of it, not as the base.
+#[test]
+fn an_adapter_checkpoint_samples_like_its_merged_model() {
+    let (dir, path) = dataset();
+    let adapter = golden_dir().join("lora/adapter");
+    let merged = dir.path().join("merged");
+    Command::new(env!("CARGO_BIN_EXE_grpo"))
+        .args(["merge", "--adapter"])
+        .arg(&adapter)
+        .arg("--base-model")
+        .arg(golden_dir())
+        .arg("--out")
+        .arg(&merged)
+        .assert()
+        .success();
+    let (adapter, golden) = (
+        adapter.display().to_string(),
+        golden_dir().display().to_string(),
+    );
+    let with_adapter = greedy_texts(&path, &["--checkpoint", &adapter, "--base-model", &golden]);
+    let merged = greedy_texts(&path, &["--checkpoint", merged.to_str().unwrap()]);
+    assert_eq!(with_adapter, merged);
+    let configured = greedy_texts(
+        &path,
+        &[
+            "--set",
+            "use_peft=true",
+            "--set",
+            &format!("adapter_name_or_path={adapter}"),
+        ],
+    );
+    assert_eq!(
+        configured, merged,
+        "adapter_name_or_path on model_name_or_path"
+    );
+    assert_ne!(
+        greedy_texts(&path, &[]),
+        merged,
+        "the base model completes otherwise"
+    );
+}
+
+#[test]
+fn base_model_is_for_adapter_checkpoints_only() {
+    let (_dir, path) = dataset();
+    let golden = golden_dir().display().to_string();
+    grpo_sample(&path)
+        .args([
+            "--index",
+            "0",
+            "--checkpoint",
+            &golden,
+            "--base-model",
+            &golden,
+        ])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("adapter_config.json"));
+    // The golden adapter records a base model that does not exist here: the error says so.
+    let adapter = golden_dir().join("lora/adapter").display().to_string();
+    grpo_sample(&path)
+        .args(["--index", "0", "--checkpoint", &adapter])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("base_model_name_or_path"))
+        .stderr(predicate::str::contains("--base-model"));
+}

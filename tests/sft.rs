@@ -1,6 +1,7 @@
 //! `grpo sft` end to end on the tiny golden model: the logged loss is the mean cross-entropy of
 //! the target tokens (checked with an independent unpadded forward), training lowers it, a
-//! resumed run continues bit for bit, and bad solution columns are refused by name.
+//! resumed run continues bit for bit, LoRA adapters train too, and bad solution columns are
+//! refused by name.
 
 mod common;
 
@@ -186,4 +187,34 @@ fn zero_max_grad_norm_trains_without_clipping() {
     let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     let norm = line["grad_norm"].as_f64().unwrap();
     assert!(norm.is_finite() && norm > 0.0, "{line}");
+}
+
+/// `use_peft` works for `sft` too: the adapters train (the loss falls), the base stays, and the
+/// output is a PEFT adapter folder.
+#[test]
+fn sft_trains_lora_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &[
+            "use_peft=true",
+            "lora_r=4",
+            "learning_rate=0.02",
+            "max_steps=4",
+        ],
+    );
+    sft(&cfg).unwrap();
+    let out = dir.path().join("out");
+    let losses = losses(&out);
+    assert!(losses[3] < losses[0], "{losses:?}");
+    assert!(!out.join("model.safetensors").exists());
+    let adapter = grpo::model::AdapterFolder::read(&out).unwrap();
+    assert_eq!(adapter.spec.r, 4);
+    assert_eq!(adapter.weights.len(), 2 * 7 * golden_layers());
+}
+
+fn golden_layers() -> usize {
+    let text = std::fs::read_to_string(golden_dir().join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["num_hidden_layers"].as_u64().unwrap() as usize
 }

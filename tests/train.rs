@@ -572,7 +572,7 @@ fn resume_between_two_generations_continues_bit_for_bit() {
 }
 
 /// What a short run left behind: its logged metrics, step 1's completions (log_completions)
-/// and the final weights.
+/// and the final weights (a LoRA run's: its adapter's).
 struct Outcome {
     metrics: Vec<serde_json::Value>,
     completions: Vec<String>,
@@ -593,10 +593,14 @@ fn run_with(extra: &[&str]) -> Outcome {
             record["completion"].as_str().unwrap().to_string()
         })
         .collect();
+    let model = match out.join("model.safetensors") {
+        full if full.is_file() => full,
+        _ => out.join("adapter_model.safetensors"),
+    };
     Outcome {
         metrics: metrics(&out),
         completions,
-        weights: weights(&out.join("model.safetensors")),
+        weights: weights(&model),
     }
 }
 
@@ -723,4 +727,302 @@ fn a_huge_max_prompt_length_is_not_refused() {
         &["max_prompt_length=2000000000", "max_steps=1"],
     ))
     .unwrap();
+}
+
+// ---- LoRA (use_peft) --------------------------------------------------------------------------
+
+/// A LoRA run's final adapter folder, read back.
+fn adapter_of(
+    dir: &Path,
+) -> (
+    serde_json::Value,
+    std::collections::HashMap<String, Vec<usize>>,
+) {
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    let config = serde_json::from_str(&text).unwrap();
+    let shapes =
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (name, t.dims().to_vec()))
+            .collect();
+    (config, shapes)
+}
+
+/// The golden model's config.json.
+fn golden_config() -> serde_json::Value {
+    let text = std::fs::read_to_string(golden_dir().join("config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `use_peft` trains only adapters on the targeted modules (`lora_r`, `lora_target_modules`)
+/// and writes PEFT adapter folders (checkpoints and output_dir, with the optimiser state of the
+/// adapters only); the reference is the base with adapters off, so with `B = 0` at step 1 the KL
+/// is exactly 0, and it grows once the adapters moved.
+#[test]
+fn lora_trains_the_adapters_only_and_writes_peft_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &[
+            "use_peft=true",
+            "lora_r=2",
+            r#"lora_target_modules=["v_proj","q_proj","down_proj"]"#,
+            "learning_rate=0.05",
+        ],
+    );
+    grpo::train::train(&cfg).unwrap();
+    let out = dir.path().join("out");
+    let (config, shapes) = adapter_of(&out);
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["bias"], "none");
+    assert_eq!(config["r"], 2);
+    assert_eq!(config["lora_alpha"], 32);
+    assert_eq!(config["lora_dropout"], 0.05);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+    );
+    assert_eq!(
+        config["base_model_name_or_path"],
+        golden_dir().display().to_string()
+    );
+    let model = golden_config();
+    let dim = |key: &str| model[key].as_u64().unwrap() as usize;
+    let head_dim = dim("hidden_size") / dim("num_attention_heads");
+    let (hidden, kv) = (dim("hidden_size"), dim("num_key_value_heads") * head_dim);
+    let q = dim("num_attention_heads") * head_dim;
+    let mut want = std::collections::HashMap::new();
+    for layer in 0..dim("num_hidden_layers") {
+        for (module, out_features, in_features) in [
+            ("self_attn.q_proj", q, hidden),
+            ("self_attn.v_proj", kv, hidden),
+            ("mlp.down_proj", hidden, dim("intermediate_size")),
+        ] {
+            let key = |which: &str| {
+                format!("base_model.model.model.layers.{layer}.{module}.lora_{which}.weight")
+            };
+            want.insert(key("A"), vec![2, in_features]);
+            want.insert(key("B"), vec![out_features, 2]);
+        }
+    }
+    assert_eq!(shapes, want, "adapter_model.safetensors keys and shapes");
+    assert!(!out.join("model.safetensors").exists(), "no full model");
+    assert!(out.join("tokenizer.json").is_file());
+
+    let checkpoint = out.join("checkpoint-2");
+    assert_eq!(adapter_of(&checkpoint).1, want);
+    assert!(!checkpoint.join("model.safetensors").exists());
+    let (_, optimizer) = grpo::checkpoint::load_state(&checkpoint).unwrap();
+    let mut moments: Vec<String> = optimizer
+        .keys()
+        .filter_map(|k| k.strip_suffix(".exp_avg"))
+        .map(|k| format!("base_model.model.{k}"))
+        .collect();
+    moments.sort();
+    let mut adapters: Vec<String> = want.keys().cloned().collect();
+    adapters.sort();
+    assert_eq!(moments, adapters, "AdamW state of the adapters only");
+    assert_eq!(optimizer.len(), 3 * adapters.len());
+
+    let lines = metrics(&out);
+    assert_eq!(
+        value(&lines[0], "kl"),
+        0.0,
+        "step 1: B = 0, policy = reference"
+    );
+    assert!(value(&lines[3], "kl") > 0.0, "{}", lines[3]);
+    // The adapter trained: B left zero, and it loads onto the base again.
+    let adapter = grpo::model::AdapterFolder::read(&out).unwrap();
+    let b = &adapter.weights["model.layers.0.self_attn.q_proj.lora_B.weight"];
+    assert!(common::flat_f64(b).iter().any(|&v| v != 0.0));
+    let files = grpo::model::ModelFiles::resolve(golden_dir().to_str().unwrap(), "main").unwrap();
+    grpo::model::Qwen2::load_base(&files, &Device::Cpu, candle_core::DType::F32)
+        .unwrap()
+        .with_adapters(adapter.spec, adapter.weights)
+        .unwrap();
+}
+
+/// A LoRA run resumed from a checkpoint ends bit for bit where the straight run does, dropout
+/// masks included.
+#[test]
+fn lora_resume_continues_bit_for_bit_with_dropout() {
+    let lora = [
+        "use_peft=true",
+        "lora_r=4",
+        "lora_dropout=0.5",
+        "learning_rate=0.05",
+    ];
+    let straight = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(straight.path(), &lora)).unwrap();
+    let resumed = tempfile::tempdir().unwrap();
+    let resume = format!(
+        "resume_from_checkpoint={}",
+        straight.path().join("out/checkpoint-2").display()
+    );
+    let mut extra = lora.to_vec();
+    extra.push(&resume);
+    grpo::train::train(&config(resumed.path(), &extra)).unwrap();
+    let (a, b) = (straight.path().join("out"), resumed.path().join("out"));
+    let adapter = |dir: &Path| weights(&dir.join("adapter_model.safetensors"));
+    assert_eq!(adapter(&a), adapter(&b));
+    assert_eq!(metrics(&a)[2..], metrics(&b)[..]);
+}
+
+/// `lora_alpha` scales the adapters' update: at step 1 (`B = 0`, no dropout) only `B` has a
+/// gradient, proportional to `lora_alpha / r`, so the logged gradient norm scales with it while
+/// the loss does not move. `lora_dropout` changes that gradient (not the loss, nor the samples).
+#[test]
+fn lora_alpha_and_dropout_reach_the_step() {
+    let step1 = |extra: &[&str]| {
+        let mut sets = vec!["use_peft=true", "max_steps=1"];
+        sets.extend_from_slice(extra);
+        run_with(&sets)
+    };
+    let alpha32 = step1(&["lora_alpha=32", "lora_dropout=0.0"]);
+    let alpha8 = step1(&["lora_alpha=8", "lora_dropout=0.0"]);
+    let dropped = step1(&["lora_alpha=32", "lora_dropout=0.5"]);
+    let (a, b, d) = (&alpha32.metrics[0], &alpha8.metrics[0], &dropped.metrics[0]);
+    assert_eq!(alpha32.completions, alpha8.completions);
+    assert_eq!(value(a, "loss"), value(b, "loss"));
+    let ratio = value(a, "grad_norm") / value(b, "grad_norm");
+    assert!((ratio - 4.0).abs() < 1e-5, "grad_norm ratio {ratio}");
+    assert_eq!(
+        dropped.completions, alpha32.completions,
+        "sampling has no dropout"
+    );
+    assert_eq!(
+        value(d, "loss"),
+        value(a, "loss"),
+        "B = 0: dropout cannot move the loss"
+    );
+    assert_ne!(value(d, "grad_norm"), value(a, "grad_norm"));
+}
+
+/// `adapter_name_or_path` continues a PEFT adapter (the golden one, made by PEFT): its shape
+/// replaces the config's `lora_*`, and the policy starts away from the reference (KL > 0).
+#[test]
+fn lora_continues_from_a_peft_adapter() {
+    let adapter = golden_dir().join("lora/adapter");
+    let peft = grpo::model::AdapterFolder::read(&adapter).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &[
+            "use_peft=true",
+            "max_steps=1",
+            "lora_r=2",
+            &format!("adapter_name_or_path={}", adapter.display()),
+        ],
+    );
+    grpo::train::train(&cfg).unwrap();
+    let out = dir.path().join("out");
+    assert!(
+        value(&metrics(&out)[0], "kl") > 0.0,
+        "the PEFT adapter is on at step 1"
+    );
+    let trained = grpo::model::AdapterFolder::read(&out).unwrap();
+    assert_eq!(
+        trained.spec, peft.spec,
+        "the adapter's r, alpha and targets"
+    );
+    assert_eq!(trained.weights.len(), peft.weights.len());
+    let moved = trained
+        .weights
+        .iter()
+        .map(|(name, w)| common::max_abs_diff(w, &peft.weights[name]))
+        .fold(0.0, f64::max);
+    assert!(moved > 0.0, "training continued from the adapter");
+}
+
+/// Checkpoints of the other kind, or of other adapter shapes, are refused with the fix.
+#[test]
+fn lora_and_full_checkpoints_do_not_mix() {
+    let lora_run = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(
+        lora_run.path(),
+        &["use_peft=true", "lora_r=2", "max_steps=2"],
+    ))
+    .unwrap();
+    let full_run = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(full_run.path(), &["max_steps=2"])).unwrap();
+    let resume = |run: &tempfile::TempDir| {
+        format!(
+            "resume_from_checkpoint={}",
+            run.path().join("out/checkpoint-2").display()
+        )
+    };
+    let attempt = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let err = grpo::train::train(&config(dir.path(), extra)).unwrap_err();
+        format!("{err:#}")
+    };
+    let msg = attempt(&[&resume(&lora_run)]);
+    assert!(msg.contains("use_peft = true"), "{msg}");
+    let msg = attempt(&["use_peft=true", "lora_r=2", &resume(&full_run)]);
+    assert!(msg.contains("use_peft = false"), "{msg}");
+    let msg = attempt(&["use_peft=true", "lora_r=4", &resume(&lora_run)]);
+    assert!(msg.contains("r 2") && msg.contains("r 4"), "{msg}");
+}
+
+/// With LoRA (dropout 0) `forward_batch_size` changes neither the loss nor the adapters'
+/// gradients either: one group per chunk trains like one pass (see
+/// `forward_batch_size_changes_neither_loss_nor_gradients` for the settings' reasons).
+#[test]
+fn lora_forward_batch_size_changes_neither_loss_nor_gradients() {
+    let run = |forward_batch_size: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &[
+                "use_peft=true",
+                "lora_dropout=0.0",
+                "per_device_train_batch_size=3",
+                "gradient_accumulation_steps=1",
+                "num_iterations=2",
+                "max_steps=2",
+                "save_steps=100",
+                "learning_rate=0.5",
+                "adam_epsilon=1.0",
+                &format!("forward_batch_size={forward_batch_size}"),
+            ],
+        );
+        grpo::train::train(&cfg).unwrap();
+        let out = dir.path().join("out");
+        (
+            metrics(&out),
+            weights(&out.join("adapter_model.safetensors")),
+            cfg,
+        )
+    };
+    let (whole_metrics, whole, cfg) = run(0);
+    let (chunked_metrics, chunked, _) = run(2);
+    for (a, b) in whole_metrics.iter().zip(&chunked_metrics) {
+        for key in ["loss", "grad_norm", "kl", "entropy"] {
+            let (x, y) = (value(a, key), value(b, key));
+            assert!((x - y).abs() <= 1e-6 + 1e-5 * x.abs(), "{key}: {y} vs {x}");
+        }
+    }
+    // The adapters before training: the same PEFT initialisation both runs started from.
+    let files = grpo::model::ModelFiles::resolve(golden_dir().to_str().unwrap(), "main").unwrap();
+    let initial = grpo::model::Qwen2::load_base(&files, &Device::Cpu, candle_core::DType::F32)
+        .unwrap()
+        .with_new_adapters(grpo::model::LoraSpec::from_config(&cfg).unwrap(), cfg.seed)
+        .unwrap();
+    let mut before: Vec<(String, Vec<f32>)> = initial
+        .named_parameters()
+        .iter()
+        .map(|(name, var)| {
+            let values = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            (format!("base_model.model.{name}"), values)
+        })
+        .collect();
+    before.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        before.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        whole.iter().map(|w| &w.0).collect::<Vec<_>>()
+    );
+    let diff = max_relative_update_diff(&before, &whole, &chunked);
+    assert!(diff < 1e-4, "adapter updates differ by {diff} (relative)");
 }

@@ -80,8 +80,12 @@ impl CustomOp2 for RmsNorm {
             &RmsNormBackward { eps: self.eps },
         )?;
         let grad_x = both.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let grad_weight = both.narrow(0, rows, 1)?.reshape(width)?;
-        Ok((Some(grad_x), Some(grad_weight)))
+        // A frozen weight (a LoRA model's norms) gets no gradient.
+        let grad_weight = match weight.track_op() {
+            true => Some(both.narrow(0, rows, 1)?.reshape(width)?),
+            false => None,
+        };
+        Ok((Some(grad_x), grad_weight))
     }
 }
 

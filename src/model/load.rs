@@ -421,6 +421,15 @@ impl ModelFiles {
             (Source::Hub(repo), files.into_iter().collect())
         };
         let name = model_name_or_path;
+        if local.join(super::lora::ADAPTER_CONFIG).is_file() && !local.join("config.json").is_file()
+        {
+            bail!(
+                "{name:?} is a PEFT adapter folder ({}), not a model: give its base model here \
+                 and the adapter as adapter_name_or_path (with use_peft = true), or pass the \
+                 folder to eval/sample as --checkpoint",
+                super::lora::ADAPTER_CONFIG
+            );
+        }
         let require = |file: &str| -> Result<PathBuf> {
             if !source.has(file, &hub_files) {
                 bail!("model {name:?} has no {file} (a Qwen2 checkpoint in transformers format is required)");

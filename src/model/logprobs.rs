@@ -99,7 +99,11 @@ impl CustomOp3 for LmHeadLogprob {
         let compute_weight = weight.detach().to_dtype(compute)?;
         let rows = hidden.dim(0)?;
         let mut grad_hidden = Vec::new();
-        let mut grad_weight = Tensor::zeros(weight.shape(), DType::F32, weight.device())?;
+        // A frozen lm_head (a LoRA model's) gets no gradient, and its matmuls are skipped.
+        let mut grad_weight = weight
+            .track_op()
+            .then(|| Tensor::zeros(weight.shape(), DType::F32, weight.device()))
+            .transpose()?;
         for start in (0..rows).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(rows - start);
             let hidden_chunk = hidden.detach().narrow(0, start, len)?.to_dtype(compute)?;
@@ -123,12 +127,16 @@ impl CustomOp3 for LmHeadLogprob {
                     .matmul(&compute_weight)?
                     .to_dtype(hidden.dtype())?,
             );
-            let chunk_grad_weight = grad_logits.t()?.matmul(&hidden_chunk)?;
-            grad_weight = (grad_weight + chunk_grad_weight.to_dtype(DType::F32)?)?;
+            if let Some(sum) = &mut grad_weight {
+                let chunk_grad_weight = grad_logits.t()?.matmul(&hidden_chunk)?;
+                *sum = (&*sum + chunk_grad_weight.to_dtype(DType::F32)?)?;
+            }
         }
         Ok((
             Some(Tensor::cat(&grad_hidden, 0)?),
-            Some(grad_weight.to_dtype(weight.dtype())?),
+            grad_weight
+                .map(|g| g.to_dtype(weight.dtype()))
+                .transpose()?,
             None,
         ))
     }

@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::frozen::FrozenLinear;
 use super::fused;
 
 /// Whether the fused CPU kernels apply to `x`.
@@ -23,8 +24,17 @@ pub const MASKED_BIAS: f32 = -1e9;
 
 /// `x @ weight^T (+ bias)` for `x` of shape `[.., in]` and `weight` `[out, in]`. On the CPU in
 /// f32 it is one fused node ([`fused::Linear`]), and a few rows without a gradient (decoding)
-/// take [`fused::FewRowsMatmul`].
+/// take [`fused::FewRowsMatmul`]. A frozen weight (and bias) under a graph, as in a LoRA
+/// model's base layers, is a [`FrozenLinear`] node on every device: only `x` gets a gradient.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let frozen = !weight.track_op() && bias.is_none_or(|b| !b.track_op());
+    if frozen && x.track_op() {
+        let op = FrozenLinear {
+            weight: weight.contiguous()?,
+            bias: bias.map(Tensor::contiguous).transpose()?,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
     if fused_applies(x) && fused_applies(weight) {
         let x = x.contiguous()?;
         let weight = weight.contiguous()?;

@@ -33,7 +33,8 @@
 //! [`Qwen2::new_cache`] makes one in the model's compute dtype.
 //!
 //! # Precision
-//! Weights are stored in f32 (the policy's [`Var`]s are the f32 master copies). With a compute
+//! Weights are stored in f32 (the policy's [`Var`]s are the f32 master copies; a LoRA model's
+//! frozen base is stored in the compute dtype, see [`Qwen2::load_base`]). With a compute
 //! dtype of bf16 ([`Qwen2::with_compute_dtype`], the CUDA setting) the forward does what
 //! PyTorch autocast does: matrices and biases are cast to bf16 for every matmul (the cast is
 //! differentiable, so gradients land on the f32 `Var`s), while the residual stream, RMSNorm,
@@ -44,67 +45,133 @@
 //! Policy parameters are candle [`Var`]s, listed by [`Qwen2::named_parameters`] in
 //! transformers' `named_parameters()` order; a tied `lm_head` reuses
 //! `model.embed_tokens.weight` (one `Var` whose gradient sums both uses). The reference model
-//! ([`Qwen2::load_reference`]) holds plain tensors and records no graph.
+//! ([`Qwen2::load_reference`]) holds plain tensors and records no graph. With LoRA adapters
+//! (`lora`) the only `Var`s are the adapters' matrices; the base's plain tensors get no
+//! gradient, and the reference is the same model with its adapters switched off.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use super::linear::{Dropout, Linear};
 use super::load::{ModelFiles, Qwen2Config};
+use super::lora::LoraSpec;
 use super::ops::{
     apply_rope, attention_softmax, causal_bias, linear, merge_heads, position_ids_from_mask,
     rms_norm, rope_tables, split_heads, swiglu,
 };
 
-/// A projection's weight and its bias, when it has one.
-type Projection = (Tensor, Option<Tensor>);
+/// The linear layers of a decoder layer by their module names inside it, in transformers'
+/// order (the order of [`DecoderLayer::linears`]).
+pub const LINEAR_MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 /// Weights of one decoder layer.
 #[derive(Clone)]
-struct DecoderLayer {
-    q_proj: Projection,
-    k_proj: Projection,
-    v_proj: Projection,
-    o_proj: Projection,
+pub(crate) struct DecoderLayer {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
     /// Qwen3's per-head RMSNorm weights `[head_dim]` of queries and keys.
-    qk_norm: Option<(Tensor, Tensor)>,
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+    pub(crate) qk_norm: Option<(Tensor, Tensor)>,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
 }
 
 impl DecoderLayer {
-    /// This layer with `matrix` applied to every weight matrix and bias, `norm` to the norm
-    /// weights.
+    /// This layer with `matrix` applied to every linear layer's tensors (weights, biases,
+    /// adapters), `norm` to the norm weights.
     fn map(
         &self,
         matrix: impl Fn(&Tensor) -> Result<Tensor>,
         norm: impl Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<Self> {
-        let projection = |(w, b): &Projection| -> Result<Projection> {
-            Ok((matrix(w)?, b.as_ref().map(&matrix).transpose()?))
-        };
         Ok(DecoderLayer {
-            q_proj: projection(&self.q_proj)?,
-            k_proj: projection(&self.k_proj)?,
-            v_proj: projection(&self.v_proj)?,
-            o_proj: projection(&self.o_proj)?,
+            q_proj: self.q_proj.map(&matrix)?,
+            k_proj: self.k_proj.map(&matrix)?,
+            v_proj: self.v_proj.map(&matrix)?,
+            o_proj: self.o_proj.map(&matrix)?,
             qk_norm: match &self.qk_norm {
                 Some((q, k)) => Some((norm(q)?, norm(k)?)),
                 None => None,
             },
-            gate_proj: matrix(&self.gate_proj)?,
-            up_proj: matrix(&self.up_proj)?,
-            down_proj: matrix(&self.down_proj)?,
+            gate_proj: self.gate_proj.map(&matrix)?,
+            up_proj: self.up_proj.map(&matrix)?,
+            down_proj: self.down_proj.map(&matrix)?,
             input_layernorm: norm(&self.input_layernorm)?,
             post_attention_layernorm: norm(&self.post_attention_layernorm)?,
         })
     }
 
-    /// The layer as the forward uses it: matrices and biases in `dtype`, norms as stored (f32).
+    /// The linear layers, in the order of [`LINEAR_MODULES`].
+    pub(crate) fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// [`DecoderLayer::linears`], mutable.
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+
+    /// Every tensor of the layer by its name inside the layer, in `named_parameters()` order,
+    /// with `matrix` giving each linear layer's weight.
+    fn weights(
+        &self,
+        matrix: &impl Fn(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut weights = Vec::new();
+        for (module, linear) in LINEAR_MODULES.iter().zip(self.linears()) {
+            weights.push((format!("{module}.weight"), matrix(linear)?));
+            if let Some(bias) = &linear.bias {
+                weights.push((format!("{module}.bias"), bias.detach()));
+            }
+            if let ("self_attn.o_proj", Some((q_norm, k_norm))) = (*module, &self.qk_norm) {
+                weights.push(("self_attn.q_norm.weight".into(), q_norm.detach()));
+                weights.push(("self_attn.k_norm.weight".into(), k_norm.detach()));
+            }
+        }
+        weights.push((
+            "input_layernorm.weight".into(),
+            self.input_layernorm.detach(),
+        ));
+        weights.push((
+            "post_attention_layernorm.weight".into(),
+            self.post_attention_layernorm.detach(),
+        ));
+        Ok(weights)
+    }
+
+    /// The layer as the forward uses it: matrices, biases and adapters in `dtype`, norms as
+    /// stored (f32).
     fn in_compute_dtype(&self, dtype: DType) -> Result<Self> {
         self.map(|t| t.to_dtype(dtype), |t| Ok(t.clone()))
     }
@@ -130,18 +197,24 @@ pub struct GroupedBatch<'a> {
     pub group_size: usize,
 }
 
-/// A Qwen2, Qwen2.5 or Qwen3 causal language model (the family is the config's).
+/// A Qwen2, Qwen2.5 or Qwen3 causal language model (the family is the config's; cloning shares
+/// every tensor).
+#[derive(Clone)]
 pub struct Qwen2 {
-    config: Qwen2Config,
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: Tensor,
+    pub(crate) config: Qwen2Config,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: Tensor,
     /// `embed_tokens` itself when the embeddings are tied.
-    lm_head: Tensor,
+    pub(crate) lm_head: Tensor,
     /// Trainable parameters in `named_parameters()` order; empty for a frozen model.
-    parameters: Vec<(String, Var)>,
+    pub(crate) parameters: Vec<(String, Var)>,
     /// The dtype of the matmuls (see the module doc's "Precision").
-    compute_dtype: DType,
+    pub(crate) compute_dtype: DType,
+    /// The LoRA adapters on the linear layers, when there are any (see `lora`).
+    pub(crate) lora: Option<LoraSpec>,
+    /// Dropout of the adapters' inputs, in a training forward ([`Qwen2::in_training`]).
+    pub(crate) dropout: Option<Arc<Dropout>>,
 }
 
 /// Preallocated per-layer key/value buffers `[batch, kv_heads, capacity, head_dim]` and the
@@ -280,28 +353,29 @@ impl Qwen2 {
             }
         }
         let take = |name: &str| -> Tensor { by_name[name].clone() };
-        let projection = |name: String, bias: bool| -> Projection {
-            let weight = take(&format!("{name}.weight"));
-            (weight, bias.then(|| take(&format!("{name}.bias"))))
-        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
+                let linear = |module: &str, with_bias: bool| Linear {
+                    weight: take(&format!("{p}.{module}.weight")),
+                    bias: with_bias.then(|| take(&format!("{p}.{module}.bias"))),
+                    adapter: None,
+                };
                 let qkv_bias = config.qkv_bias();
                 DecoderLayer {
-                    q_proj: projection(format!("{p}.self_attn.q_proj"), qkv_bias),
-                    k_proj: projection(format!("{p}.self_attn.k_proj"), qkv_bias),
-                    v_proj: projection(format!("{p}.self_attn.v_proj"), qkv_bias),
-                    o_proj: projection(format!("{p}.self_attn.o_proj"), config.o_proj_bias()),
+                    q_proj: linear("self_attn.q_proj", qkv_bias),
+                    k_proj: linear("self_attn.k_proj", qkv_bias),
+                    v_proj: linear("self_attn.v_proj", qkv_bias),
+                    o_proj: linear("self_attn.o_proj", config.o_proj_bias()),
                     qk_norm: config.qk_norm().then(|| {
                         (
                             take(&format!("{p}.self_attn.q_norm.weight")),
                             take(&format!("{p}.self_attn.k_norm.weight")),
                         )
                     }),
-                    gate_proj: take(&format!("{p}.mlp.gate_proj.weight")),
-                    up_proj: take(&format!("{p}.mlp.up_proj.weight")),
-                    down_proj: take(&format!("{p}.mlp.down_proj.weight")),
+                    gate_proj: linear("mlp.gate_proj", false),
+                    up_proj: linear("mlp.up_proj", false),
+                    down_proj: linear("mlp.down_proj", false),
                     input_layernorm: take(&format!("{p}.input_layernorm.weight")),
                     post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight")),
                 }
@@ -321,7 +395,17 @@ impl Qwen2 {
             lm_head,
             parameters: named_vars,
             compute_dtype: DType::F32,
+            lora: None,
+            dropout: None,
         })
+    }
+
+    /// The frozen base of a LoRA policy (see `lora`): plain tensors like the reference model,
+    /// but with every matrix, the embeddings included, stored in `dtype` (norm weights stay
+    /// f32): no f32 copy of the base exists, and a tied lm_head stays one tensor.
+    pub fn load_base(files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let model = Self::load_reference(files, device)?;
+        Ok(model.frozen_copy(dtype, dtype)?)
     }
 
     /// This model computing its matmuls in `dtype` (f32, bf16 or f16). A trainable model keeps
@@ -332,7 +416,7 @@ impl Qwen2 {
             bail!("compute dtype {dtype:?} is not supported (use f32, bf16 or f16)");
         }
         if self.parameters.is_empty() {
-            return Ok(self.frozen_copy(dtype)?);
+            return Ok(self.frozen_copy(dtype, self.embed_tokens.dtype())?);
         }
         Ok(Qwen2 {
             compute_dtype: dtype,
@@ -341,22 +425,30 @@ impl Qwen2 {
     }
 
     /// A frozen copy (no `Var`s, no graph) with its matrices stored in the compute dtype, for
-    /// sampling: a bf16 policy casts its weights once here rather than at every decoded token.
+    /// sampling: a bf16 policy casts its weights once here rather than at every decoded token
+    /// (tensors already in that dtype, such as a LoRA policy's base, are shared, not copied).
     /// Take a new copy after each optimiser step.
     pub fn inference_copy(&self) -> Result<Self> {
-        self.frozen_copy(self.compute_dtype)
+        self.frozen_copy(self.compute_dtype, self.embed_tokens.dtype())
     }
 
-    /// Detached copy with the layers' matrices and biases and the lm_head in `dtype`; the
-    /// embeddings and norm weights stay f32, so the copy computes exactly what this model
-    /// computes (tied embeddings become two tensors: the f32 table and the `dtype` lm_head).
-    fn frozen_copy(&self, dtype: DType) -> Result<Self> {
+    /// Detached copy with the layers' matrices, biases and adapters and the lm_head in `dtype`,
+    /// the embedding table in `embeddings` and the norm weights in f32. With `embeddings` f32 the
+    /// copy computes exactly what this model computes (tied embeddings become two tensors: the
+    /// f32 table and the `dtype` lm_head); with `embeddings` = `dtype` a tied lm_head is the
+    /// table itself.
+    fn frozen_copy(&self, dtype: DType, embeddings: DType) -> Result<Self> {
         let matrix = |t: &Tensor| t.detach().to_dtype(dtype);
         let norm = |t: &Tensor| t.detach().to_dtype(DType::F32);
+        let embed_tokens = self.embed_tokens.detach().to_dtype(embeddings)?;
+        let lm_head = match self.config.tie_word_embeddings && embeddings == dtype {
+            true => embed_tokens.clone(),
+            false => matrix(&self.lm_head)?,
+        };
         Ok(Qwen2 {
             config: self.config.clone(),
-            embed_tokens: norm(&self.embed_tokens)?,
-            lm_head: matrix(&self.lm_head)?,
+            embed_tokens,
+            lm_head,
             layers: self
                 .layers
                 .iter()
@@ -365,7 +457,37 @@ impl Qwen2 {
             norm: norm(&self.norm)?,
             parameters: Vec::new(),
             compute_dtype: dtype,
+            lora: self.lora.clone(),
+            dropout: None,
         })
+    }
+
+    /// Every weight of the model by transformers name, in `named_parameters()` order (a tied
+    /// lm_head is not listed), as stored: for a LoRA model, the frozen base without its
+    /// adapters.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.weights_with(&|linear: &Linear| Ok(linear.weight.detach()))
+    }
+
+    /// Every weight by transformers name, with `matrix` giving each linear layer's weight.
+    pub(crate) fn weights_with(
+        &self,
+        matrix: &impl Fn(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut weights = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.detach(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, tensor) in layer.weights(matrix)? {
+                weights.push((format!("model.layers.{i}.{name}"), tensor));
+            }
+        }
+        weights.push(("model.norm.weight".to_string(), self.norm.detach()));
+        if !self.config.tie_word_embeddings {
+            weights.push(("lm_head.weight".to_string(), self.lm_head.detach()));
+        }
+        Ok(weights)
     }
 
     pub fn config(&self) -> &Qwen2Config {
@@ -569,8 +691,8 @@ impl Qwen2 {
     fn heads(&self, layer: &DecoderLayer, x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Heads> {
         let c = &self.config;
         let h = self.norm_for_matmul(x, &layer.input_layernorm)?;
-        let split = |(w, bias): &Projection, heads: usize| -> Result<Tensor> {
-            split_heads(&linear(&h, w, bias.as_ref())?, heads)
+        let split = |projection: &Linear, heads: usize| -> Result<Tensor> {
+            split_heads(&projection.forward(&h, self.dropout.as_deref())?, heads)
         };
         let (mut q, mut k) = (
             split(&layer.q_proj, c.num_attention_heads)?,
@@ -609,13 +731,19 @@ impl Qwen2 {
     /// Output projection and residual, then the MLP block and residual (the residual adds in
     /// f32).
     fn finish_layer(&self, layer: &DecoderLayer, x: &Tensor, attended: &Tensor) -> Result<Tensor> {
+        let dropout = self.dropout.as_deref();
         let attended = merge_heads(attended)?;
-        let (o_weight, o_bias) = &layer.o_proj;
-        let x = (x + linear(&attended, o_weight, o_bias.as_ref())?.to_dtype(DType::F32)?)?;
+        let x = (x + layer
+            .o_proj
+            .forward(&attended, dropout)?
+            .to_dtype(DType::F32)?)?;
         let h = self.norm_for_matmul(&x, &layer.post_attention_layernorm)?;
-        let gate = linear(&h, &layer.gate_proj, None)?;
-        let up = linear(&h, &layer.up_proj, None)?;
-        x + linear(&swiglu(&gate, &up)?, &layer.down_proj, None)?.to_dtype(DType::F32)?
+        let gate = layer.gate_proj.forward(&h, dropout)?;
+        let up = layer.up_proj.forward(&h, dropout)?;
+        x + layer
+            .down_proj
+            .forward(&swiglu(&gate, &up)?, dropout)?
+            .to_dtype(DType::F32)?
     }
 }
 
