@@ -1,10 +1,13 @@
 //! `grpo train`: the GRPO loop, top to bottom in one place (as nanoGPT's train.py).
 //!
 //! One optimizer step:
-//! 1. take `per_device_train_batch_size` prompts per micro-step, `gradient_accumulation_steps`
-//!    micro-steps, from the epoch's seeded order;
+//! 1. take `per_device_train_batch_size` prompts per micro-step from the epoch's seeded order;
+//!    a generation samples `steps_per_generation` micro-steps' worth at once (default
+//!    `gradient_accumulation_steps`, one generation per step) and is trained on for
+//!    `num_iterations` passes;
 //! 2. sample `num_generations` completions per prompt (one prefill per prompt, shared KV cache);
-//! 3. score them with the rule rewards and turn rewards into group-normalised advantages;
+//! 3. score them with the rewards and turn rewards into group-normalised advantages over the
+//!    whole generation;
 //! 4. per micro-step, `forward_batch_size` completions at a time (whole groups, or equal slices
 //!    of one group): policy log-probs (grouped forward: one prompt pass for the chunk's
 //!    completions of it, their gradients summed into it), reference log-probs without a graph,
@@ -28,11 +31,11 @@ use tracing::{info, warn};
 
 use crate::checkpoint;
 use crate::config::{Config, MAX_COUNT};
-use crate::data::{Dataset, DatasetSpec, Example};
+use crate::data::{DataPosition, Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
 use crate::grpo::{
-    self, Advantages, CompletionBatch, CompletionLengthMetrics, LossInputs, LossMetrics,
-    LossParams, MicroBatchSize, RewardMetrics, StepMetrics,
+    self, Advantages, CompletionBatch, CompletionLengthMetrics, ImportanceSamplingLevel,
+    LossInputs, LossMetrics, LossParams, LossType, MicroBatchSize, RewardMetrics, StepMetrics,
 };
 use crate::memory::{self, PeakMemory};
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
@@ -87,7 +90,8 @@ pub fn train(cfg: &Config) -> Result<()> {
     let mut run = Run::start(cfg, &files, &policy, &mut optimizer, total_steps)?;
     let progress =
         crate::progress::Progress::new(total_steps as u64, run.state.global_step, "train");
-    let sampling_params = SamplingParams::from_config(cfg);
+    let generations = Generations::from_config(cfg);
+    warn_on_token_sums_of_sequence_ratios(cfg);
     info!(
         "training {} on {} prompts: {total_steps} steps of {} prompts x {} completions",
         files.source,
@@ -97,11 +101,10 @@ pub fn train(cfg: &Config) -> Result<()> {
     );
 
     // ---- the loop: one iteration per optimizer step -------------------------------------------
-    // A checkpoint saved between two generations (num_iterations > 1) holds the rollouts the
-    // next steps still train on.
-    let mut rollouts: Vec<Rollout> = match &run.resumed_from {
-        Some(dir) if run.state.global_step % cfg.num_iterations as u64 != 0 => {
-            load_rollouts(dir, &device)?
+    // A checkpoint saved inside a generation (one trained on by later micro-steps) holds it.
+    let mut generation: Vec<Rollout> = match &run.resumed_from {
+        Some(dir) if !generations.starts(run.state.global_step, 0) => {
+            load_rollouts(dir, &device, cfg.steps_per_generation())?
         }
         _ => Vec::new(),
     };
@@ -115,63 +118,42 @@ pub fn train(cfg: &Config) -> Result<()> {
         meters.memory.reset();
         let mut times = PhaseTimes::default();
 
-        // 1-3. sample completions, score them, compute advantages (reused for num_iterations
-        // steps, with the sampling-time log-probs as the old policy, as TRL does).
-        if step % cfg.num_iterations as u64 == 0 || rollouts.is_empty() {
-            // Sampling needs no graph: a frozen copy in the compute dtype, cast once per step.
-            let sampler = policy.inference_copy()?;
-            let mut generated_tokens = 0;
-            rollouts = (0..cfg.gradient_accumulation_steps)
-                .map(|micro| {
-                    let examples = dataset.next_batch(
-                        cfg.seed,
-                        cfg.per_device_train_batch_size,
-                        &mut run.state.data,
-                    );
-                    let spec = GenerationSpec {
-                        group_size: cfg.num_generations,
-                        max_new_tokens: cfg.max_completion_length,
-                        eos_ids: stop.eos_ids.clone(),
-                        pad_id: stop.pad_id,
-                        params: sampling_params,
-                        seed: derive_seed(cfg.seed, step, micro as u64),
-                    };
-                    let (rollout, rollout_times) = rollout(
-                        &sampler,
-                        &prompter,
-                        &rewards,
-                        &examples,
-                        &spec,
-                        cfg,
-                        &meters.stopwatch,
-                    )
+        // 1-3. the step's micro-batches: slices of the current generation, a new one sampled,
+        // scored and turned into advantages every steps_per_generation × num_iterations
+        // micro-steps (later slices and passes use the sampling-time log-probs as the old
+        // policy, as TRL does).
+        let mut rollouts = Vec::with_capacity(cfg.gradient_accumulation_steps);
+        let mut generated_tokens = 0;
+        for micro in 0..cfg.gradient_accumulation_steps {
+            if generations.starts(step, micro) || generation.is_empty() {
+                let sampler = Sampler {
+                    // Sampling needs no graph: a frozen copy in the compute dtype, cast once.
+                    model: policy.inference_copy()?,
+                    prompter: &prompter,
+                    rewards: &rewards,
+                    stop: &stop,
+                    params: SamplingParams::from_config(cfg),
+                    stopwatch: &meters.stopwatch,
+                    cfg,
+                };
+                let sampled = generate(&sampler, &dataset, &mut run.state.data, step, micro)
                     .with_context(|| format!("step {}: sampling the rollout", step + 1))?;
-                    times.add(&rollout_times);
-                    generated_tokens += rollout.completions.lengths.iter().sum::<usize>();
-                    Ok(rollout)
-                })
-                .collect::<Result<_>>()?;
-            times.set_generated_tokens(generated_tokens);
-            meters.memory.sample();
+                times.add(&sampled.times);
+                generated_tokens += sampled.generated_tokens;
+                generation = sampled.rollouts;
+                meters.memory.sample();
+            }
+            rollouts.push(generation[generations.slice(step, micro)].clone());
         }
+        times.set_generated_tokens(generated_tokens);
 
         // 4. loss and gradients, micro-batch by micro-batch, chunk by chunk.
-        let num_items_in_batch: usize = rollouts.iter().map(|r| r.completions.num_items()).sum();
-        let loss_params = LossParams {
-            loss_type: cfg.loss_type,
-            beta: cfg.beta,
-            epsilon_low: cfg.epsilon,
-            epsilon_high: cfg.epsilon_high(),
-            max_completion_length: cfg.max_completion_length,
-            num_items_in_batch,
-            gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-            use_bias_correction_kl: false,
-        };
         let mut grads = Gradients::new();
         let mut loss_value = 0.0;
         let mut micro_metrics = Vec::new();
         let mut entropy = Vec::new();
         for rollout in &rollouts {
+            let loss_params = LossParams::from_config(cfg, rollout.generation_items);
             let micro = micro_step(
                 &policy,
                 reference.as_ref(),
@@ -241,7 +223,7 @@ pub fn train(cfg: &Config) -> Result<()> {
                 &format!(
                     "reward {:.3} kl {:.4}",
                     metrics.rewards.reward,
-                    metrics.policy.kl.unwrap_or(0.0)
+                    metrics.policy.kl.map_or(0.0, |kl| kl.value())
                 ),
             );
         }
@@ -249,9 +231,9 @@ pub fn train(cfg: &Config) -> Result<()> {
             write_completions(&output_dir, step, &rollouts)?;
         }
         progress.set(step);
-        let pending = |dir: &Path| match step % cfg.num_iterations as u64 {
-            0 => Ok(()),
-            _ => save_rollouts(dir, &rollouts),
+        let pending = |dir: &Path| match generations.starts(step, 0) {
+            true => Ok(()),
+            false => save_rollouts(dir, &generation),
         };
         if run.save_if_due_with(&policy, &optimizer, &pending)? {
             return Ok(());
@@ -261,7 +243,67 @@ pub fn train(cfg: &Config) -> Result<()> {
     run.finish(&policy)
 }
 
+/// TRL's warning: with sequence-level ratios, the losses that sum over tokens weight each
+/// sequence by its length instead of optimising GSPO's per-sequence objective.
+fn warn_on_token_sums_of_sequence_ratios(cfg: &Config) {
+    let sums_tokens = matches!(
+        cfg.loss_type,
+        LossType::Bnpo | LossType::DrGrpo | LossType::Dapo | LossType::Cispo
+    );
+    if cfg.importance_sampling_level == ImportanceSamplingLevel::Sequence && sums_tokens {
+        warn!(
+            "importance_sampling_level = \"sequence\" with loss_type = {} sums per-token terms, \
+             weighting each sequence by its length; GSPO's setup is loss_type = \"grpo\"",
+            serde_json::json!(cfg.loss_type)
+        );
+    }
+}
+
+/// Where micro-steps fall in the generations, as TRL schedules them: a generation of
+/// `steps_per_generation` micro-batches is sampled every `steps_per_generation ×
+/// num_iterations` micro-steps, and micro-step `s` (counted over the whole run) trains on its
+/// micro-batch `s % steps_per_generation`.
+#[derive(Debug, Clone, Copy)]
+struct Generations {
+    accumulation: u64,
+    steps_per_generation: u64,
+    every: u64,
+}
+
+impl Generations {
+    fn from_config(cfg: &Config) -> Self {
+        let steps_per_generation = cfg.steps_per_generation() as u64;
+        Self {
+            accumulation: cfg.gradient_accumulation_steps as u64,
+            steps_per_generation,
+            every: steps_per_generation * cfg.num_iterations as u64,
+        }
+    }
+
+    fn micro_step(&self, step: u64, micro: usize) -> u64 {
+        step * self.accumulation + micro as u64
+    }
+
+    /// Whether micro-step `micro` of optimizer step `step` starts a new generation.
+    fn starts(&self, step: u64, micro: usize) -> bool {
+        self.micro_step(step, micro) % self.every == 0
+    }
+
+    /// The micro-batch of its generation that micro-step `micro` of `step` trains on.
+    fn slice(&self, step: u64, micro: usize) -> usize {
+        (self.micro_step(step, micro) % self.steps_per_generation) as usize
+    }
+
+    /// Whether some micro-batch is trained on after an optimizer step changed the weights it
+    /// was sampled with, so the loss needs the sampling-time log-probs (TRL's condition: a
+    /// generation's passes do not fit in whole within optimizer steps).
+    fn need_old_logprobs(&self) -> bool {
+        self.accumulation % self.every != 0
+    }
+}
+
 /// One micro-batch of sampled experience: prompts, completions, rewards and advantages.
+#[derive(Clone)]
 struct Rollout {
     examples: Vec<Example>,
     completions: CompletionBatch,
@@ -270,25 +312,13 @@ struct Rollout {
     advantages: Advantages,
     /// What the training forward needs, as tensors.
     batch: TrainBatch,
+    /// Loss-mask tokens of the whole generation this micro-batch was sampled in (TRL's
+    /// `num_items_in_batch`, the dapo and cispo normaliser).
+    generation_items: usize,
 }
 
-impl Rollout {
-    /// Prompt and completion tokens the model saw (TRL's `num_tokens`).
-    fn num_tokens(&self) -> u64 {
-        let prompt: f32 = self
-            .batch
-            .prompt_mask
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|m| m.sum_all())
-            .and_then(|s| s.to_scalar::<f32>())
-            .unwrap_or(0.0);
-        prompt as u64 * self.batch.group_size as u64
-            + self.completions.lengths.iter().sum::<usize>() as u64
-    }
-}
-
-/// Checkpoint files holding the rollouts of a checkpoint saved between two generations
-/// (`num_iterations > 1`): their tensors, and their texts and lengths.
+/// Checkpoint files holding the generation of a checkpoint saved inside one (one that later
+/// micro-steps still train on): its rollouts' tensors, and their texts and lengths.
 const ROLLOUTS_TENSORS: &str = "rollouts.safetensors";
 const ROLLOUTS_JSON: &str = "rollouts.json";
 
@@ -356,9 +386,10 @@ fn save_rollouts(dir: &Path, rollouts: &[Rollout]) -> Result<()> {
         .context("cannot write the pending rollouts")
 }
 
-/// The rollouts [`save_rollouts`] wrote into checkpoint `dir`, on `device`. A checkpoint
-/// without them (written before they were saved) gets a warning and fresh rollouts.
-fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
+/// The generation [`save_rollouts`] wrote into checkpoint `dir`, on `device`: `micro_batches`
+/// rollouts, else an error naming the setting that changed. A checkpoint without one (written
+/// before they were saved) gets a warning and a fresh generation.
+fn load_rollouts(dir: &Path, device: &Device, micro_batches: usize) -> Result<Vec<Rollout>> {
     let json_path = dir.join(ROLLOUTS_JSON);
     if !json_path.is_file() {
         warn!(
@@ -377,9 +408,17 @@ fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
     let saved: Vec<SavedRollout> =
         serde_json::from_str(&std::fs::read_to_string(&json_path).with_context(bad)?)
             .with_context(bad)?;
+    ensure!(
+        saved.len() == micro_batches,
+        "{} holds a generation of {} micro-batches but steps_per_generation is now \
+         {micro_batches}: resume with the steps_per_generation (or generation_batch_size and \
+         per_device_train_batch_size) it was saved with",
+        json_path.display(),
+        saved.len()
+    );
     let tensors = candle_core::safetensors::load(dir.join(ROLLOUTS_TENSORS), &Device::Cpu)
         .with_context(|| format!("cannot read {}", dir.join(ROLLOUTS_TENSORS).display()))?;
-    saved
+    let mut generation = saved
         .into_iter()
         .enumerate()
         .map(|(i, s)| {
@@ -427,9 +466,15 @@ fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
                     advantages: get("advantage_values")?.to_vec1()?,
                 },
                 batch,
+                generation_items: 0,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let generation_items = generation.iter().map(|r| r.completions.num_items()).sum();
+    for rollout in &mut generation {
+        rollout.generation_items = generation_items;
+    }
+    Ok(generation)
 }
 
 /// Prompts with `group_size` completions each, as the training forward takes them: a whole
@@ -445,7 +490,8 @@ struct TrainBatch {
     mask: Tensor,
     /// `[prompts * group_size]`.
     advantages: Tensor,
-    /// Sampling-time log-probs, kept only when `num_iterations > 1`.
+    /// Sampling-time log-probs, kept when the micro-batch is trained on after the weights it
+    /// was sampled with changed ([`Generations::need_old_logprobs`]).
     old_logp: Option<Tensor>,
     group_size: usize,
 }
@@ -527,14 +573,42 @@ fn micro_step(
     meters: &mut Meters,
 ) -> Result<MicroStep> {
     let micro_batch = MicroBatchSize::of(&batch.mask)?;
+    let chunks = batch.chunks(cfg.forward_batch_size)?;
     let mut loss_value = 0.0;
     let mut metrics = Vec::new();
-    let mut entropy = Vec::new();
+    let mut entropy = grpo::Mean::default();
     let mut times = PhaseTimes::default();
-    for chunk in batch.chunks(cfg.forward_batch_size)? {
+    // top_entropy_quantile keeps the micro-batch's highest-entropy tokens: in chunks, a first
+    // pass without backward finds the whole micro-batch's threshold.
+    let keeps_top_entropy = cfg.top_entropy_quantile < 1.0;
+    let micro_batch_threshold = match keeps_top_entropy && chunks.len() > 1 {
+        true => {
+            let (threshold, time) = meters
+                .stopwatch
+                .time(|| micro_batch_entropy_threshold(policy, &chunks, cfg))?;
+            times.policy += time;
+            Some(threshold)
+        }
+        false => None,
+    };
+    for chunk in &chunks {
         let (policy_logps, forward_time) = meters.stopwatch.time(|| {
             grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true)
         })?;
+        let chunk_entropy = policy_logps
+            .entropy
+            .as_ref()
+            .context("the policy forward returns entropies")?;
+        let entropy_mask = match (keeps_top_entropy, micro_batch_threshold) {
+            (false, _) => None,
+            (true, Some(threshold)) => Some(threshold),
+            (true, None) => Some(grpo::entropy_threshold(
+                &[(chunk_entropy, &chunk.mask)],
+                cfg.top_entropy_quantile,
+            )?),
+        }
+        .map(|threshold| grpo::high_entropy_mask(chunk_entropy, &chunk.mask, threshold))
+        .transpose()?;
         let (ref_logps, reference_time) = meters.stopwatch.time(|| {
             reference
                 .map(|model| {
@@ -556,6 +630,7 @@ fn micro_step(
                 ref_logp: ref_logps.as_ref(),
                 advantages: &chunk.advantages,
                 mask: &chunk.mask,
+                entropy_mask: entropy_mask.as_ref(),
             },
             loss_params,
             micro_batch,
@@ -568,40 +643,170 @@ fn micro_step(
         loss_value += chunk_loss;
         times.policy += forward_time + backward_time;
         meters.memory.sample();
-        let tokens = MicroBatchSize::of(&chunk.mask)?.tokens;
-        metrics.push((loss.metrics, tokens));
-        if let Some(e) = &policy_logps.entropy {
-            entropy.push((grpo::masked_mean(e, &chunk.mask)?, tokens));
-        }
+        metrics.push(loss.metrics);
+        entropy = entropy + grpo::Mean::masked(chunk_entropy, &chunk.mask)?;
     }
     Ok(MicroStep {
         loss: loss_value,
         metrics: LossMetrics::of_chunks(&metrics),
-        entropy: grpo::combine_masked_means(entropy.into_iter()),
+        entropy: entropy.value(),
         times,
     })
 }
 
-/// Samples, decodes and scores one micro-batch; times its generation and rewards.
-fn rollout(
-    sampler: &Qwen2,
-    prompter: &Prompter,
-    rewards: &RewardSet,
-    examples: &[Example],
-    spec: &GenerationSpec,
+/// The `top_entropy_quantile` threshold of a micro-batch fed in `chunks`: their policy
+/// entropies from forward passes whose graphs are dropped at once.
+fn micro_batch_entropy_threshold(
+    policy: &Qwen2,
+    chunks: &[TrainBatch],
     cfg: &Config,
-    stopwatch: &Stopwatch,
-) -> Result<(Rollout, PhaseTimes)> {
-    let device = sampler.lm_head_weight().device();
+) -> Result<Option<f32>> {
+    let entropies = chunks
+        .iter()
+        .map(|chunk| {
+            grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true)?
+                .entropy
+                .context("the policy forward returns entropies")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parts: Vec<(&Tensor, &Tensor)> = entropies
+        .iter()
+        .zip(chunks)
+        .map(|(entropy, chunk)| (entropy, &chunk.mask))
+        .collect();
+    grpo::entropy_threshold(&parts, cfg.top_entropy_quantile)
+}
+
+/// What sampling a generation needs: a frozen copy of the policy and the pieces that turn
+/// prompts into scored completions.
+struct Sampler<'a> {
+    model: Qwen2,
+    prompter: &'a Prompter,
+    rewards: &'a RewardSet,
+    stop: &'a StopTokens,
+    params: SamplingParams,
+    stopwatch: &'a Stopwatch,
+    cfg: &'a Config,
+}
+
+/// One prompt with its `num_generations` sampled completions and their rewards.
+struct SampledGroup {
+    example: Example,
+    prompt_ids: Vec<u32>,
+    /// Each completion's sampled ids (as long as it was sampled).
+    completions: Vec<Vec<u32>>,
+    texts: Vec<String>,
+    rewards_per_func: Vec<Vec<f64>>,
+    /// The weighted rewards.
+    rewards: Vec<f32>,
+}
+
+/// A sampled generation with the time it took.
+struct SampledGeneration {
+    /// `steps_per_generation` micro-batches.
+    rollouts: Vec<Rollout>,
+    times: PhaseTimes,
+    /// Completion tokens sampled, those of dropped groups included.
+    generated_tokens: usize,
+}
+
+/// Samples the generation that starts at micro-step `micro` of optimizer step `step`:
+/// `steps_per_generation` micro-batches of `per_device_train_batch_size` prompts from the data
+/// order (`data` advances), their completions scored, advantages computed over the whole
+/// generation as TRL does.
+fn generate(
+    sampler: &Sampler,
+    dataset: &Dataset,
+    data: &mut DataPosition,
+    step: u64,
+    micro: usize,
+) -> Result<SampledGeneration> {
+    let cfg = sampler.cfg;
+    let prompts_per_batch = cfg.per_device_train_batch_size;
+    let mut times = PhaseTimes::default();
+    let mut generated_tokens = 0;
+    let mut groups = Vec::with_capacity(cfg.steps_per_generation() * prompts_per_batch);
+    for batch in 0..cfg.steps_per_generation() {
+        // Micro-batch k is seeded as micro-step micro + k.
+        let seed = derive_seed(cfg.seed, step, (micro + batch) as u64);
+        let examples = dataset.next_batch(cfg.seed, prompts_per_batch, data);
+        let (sampled, batch_times) = sample_groups(sampler, &examples, seed)?;
+        times.add(&batch_times);
+        generated_tokens += sampled
+            .iter()
+            .flat_map(|g| &g.completions)
+            .map(Vec::len)
+            .sum::<usize>();
+        groups.extend(sampled);
+    }
+
+    let scoring_started = Instant::now();
+    let rewards: Vec<f32> = groups
+        .iter()
+        .flat_map(|g| g.rewards.iter().copied())
+        .collect();
+    let advantages = grpo::group_advantages(&rewards, cfg.num_generations, cfg.scale_rewards)?;
+    let rows_per_batch = prompts_per_batch * cfg.num_generations;
+    let mut rollouts = groups
+        .chunks(prompts_per_batch)
+        .enumerate()
+        .map(|(k, groups)| {
+            let advantages = advantages.rows(k * rows_per_batch, rows_per_batch);
+            Rollout::from_groups(groups, advantages, sampler)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let generation_items = rollouts.iter().map(|r| r.completions.num_items()).sum();
+    times.rewards += scoring_started.elapsed().as_secs_f64();
+    let need_old_logprobs = Generations::from_config(cfg).need_old_logprobs();
+    for rollout in &mut rollouts {
+        rollout.generation_items = generation_items;
+        if need_old_logprobs {
+            let (logps, old_logp_time) = sampler.stopwatch.time(|| {
+                grouped_completion_logprobs(
+                    &sampler.model,
+                    &rollout.batch.grouped(),
+                    cfg.temperature,
+                    false,
+                )
+            })?;
+            times.generation += old_logp_time;
+            rollout.batch.old_logp = Some(logps.logprobs.detach());
+        }
+    }
+    Ok(SampledGeneration {
+        rollouts,
+        times,
+        generated_tokens,
+    })
+}
+
+/// Samples, decodes and scores the completions of `examples` (`num_generations` each, seeded
+/// by `seed`); times their generation and rewards.
+fn sample_groups(
+    sampler: &Sampler,
+    examples: &[Example],
+    seed: u64,
+) -> Result<(Vec<SampledGroup>, PhaseTimes)> {
+    let cfg = sampler.cfg;
+    let rewards = sampler.rewards;
+    let spec = GenerationSpec {
+        group_size: cfg.num_generations,
+        max_new_tokens: cfg.max_completion_length,
+        eos_ids: sampler.stop.eos_ids.clone(),
+        pad_id: sampler.stop.pad_id,
+        params: sampler.params,
+        seed,
+    };
     let mut times = PhaseTimes::default();
     let prompts: Vec<Vec<u32>> = examples
         .iter()
-        .map(|e| prompter.prompt_ids(&e.question))
+        .map(|e| sampler.prompter.prompt_ids(&e.question))
         .collect::<Result<_>>()?;
-    let (sampled, generation_time) =
-        stopwatch.time(|| sampling::generate(sampler, &prompts, spec))?;
+    let (sampled, generation_time) = sampler
+        .stopwatch
+        .time(|| sampling::generate(&sampler.model, &prompts, &spec))?;
     times.generation = generation_time;
-    let scoring_started = std::time::Instant::now();
+    let scoring_started = Instant::now();
     let rows: Vec<Vec<u32>> = sampled
         .ids
         .iter()
@@ -614,7 +819,7 @@ fn rollout(
         spec.pad_id,
         cfg.mask_truncated_completions,
     )?;
-    let tokenizer = prompter.tokenizer();
+    let tokenizer = sampler.prompter.tokenizer();
     let texts: Vec<String> = rows
         .iter()
         .map(|ids| tokenizer.decode(ids, true))
@@ -634,35 +839,88 @@ fn rollout(
         })
         .collect();
     let weighted = grpo::weighted_rewards(&rewards_per_func, rewards.weights())?;
-    let advantages = grpo::group_advantages(&weighted, spec.group_size, cfg.scale_rewards)?;
     times.rewards = scoring_started.elapsed().as_secs_f64();
-    let padded = left_pad(&prompts, spec.pad_id);
-    let (num_prompts, prompt_len) = (prompts.len(), padded.width());
-    let mut batch = TrainBatch {
-        prompt_ids: Tensor::from_vec(padded.ids.concat(), (num_prompts, prompt_len), device)?,
-        prompt_mask: Tensor::from_vec(padded.mask.concat(), (num_prompts, prompt_len), device)?,
-        completion_ids: completions.ids_tensor(device)?,
-        mask: completions.mask_tensor(device)?,
-        advantages: Tensor::new(advantages.advantages.as_slice(), device)?,
-        old_logp: None,
-        group_size: spec.group_size,
-    };
-    if cfg.num_iterations > 1 {
-        let (logps, old_logp_time) = stopwatch.time(|| {
-            grouped_completion_logprobs(sampler, &batch.grouped(), cfg.temperature, false)
-        })?;
-        times.generation += old_logp_time;
-        batch.old_logp = Some(logps.logprobs.detach());
+    let g = spec.group_size;
+    let groups = examples
+        .iter()
+        .zip(prompts)
+        .enumerate()
+        .map(|(p, (example, prompt_ids))| {
+            let group = p * g..(p + 1) * g;
+            SampledGroup {
+                example: example.clone(),
+                prompt_ids,
+                completions: rows[group.clone()].to_vec(),
+                texts: texts[group.clone()].to_vec(),
+                rewards_per_func: rewards_per_func[group.clone()].to_vec(),
+                rewards: weighted[group].to_vec(),
+            }
+        })
+        .collect();
+    Ok((groups, times))
+}
+
+impl Rollout {
+    /// A micro-batch of `groups` with their `advantages`: completion masks, and prompts and
+    /// completions padded into the training tensors.
+    fn from_groups(
+        groups: &[SampledGroup],
+        advantages: Advantages,
+        sampler: &Sampler,
+    ) -> Result<Self> {
+        let device = sampler.model.lm_head_weight().device();
+        let pad_id = sampler.stop.pad_id;
+        let rows: Vec<Vec<u32>> = groups
+            .iter()
+            .flat_map(|g| g.completions.iter().cloned())
+            .collect();
+        let completions = CompletionBatch::new(
+            &rows,
+            &sampler.stop.eos_ids,
+            pad_id,
+            sampler.cfg.mask_truncated_completions,
+        )?;
+        let prompts: Vec<Vec<u32>> = groups.iter().map(|g| g.prompt_ids.clone()).collect();
+        let padded = left_pad(&prompts, pad_id);
+        let (num_prompts, prompt_len) = (prompts.len(), padded.width());
+        let batch = TrainBatch {
+            prompt_ids: Tensor::from_vec(padded.ids.concat(), (num_prompts, prompt_len), device)?,
+            prompt_mask: Tensor::from_vec(padded.mask.concat(), (num_prompts, prompt_len), device)?,
+            completion_ids: completions.ids_tensor(device)?,
+            mask: completions.mask_tensor(device)?,
+            advantages: Tensor::new(advantages.advantages.as_slice(), device)?,
+            old_logp: None,
+            group_size: sampler.cfg.num_generations,
+        };
+        Ok(Rollout {
+            examples: groups.iter().map(|g| g.example.clone()).collect(),
+            completions,
+            texts: groups
+                .iter()
+                .flat_map(|g| g.texts.iter().cloned())
+                .collect(),
+            rewards_per_func: groups
+                .iter()
+                .flat_map(|g| g.rewards_per_func.iter().cloned())
+                .collect(),
+            advantages,
+            batch,
+            generation_items: 0,
+        })
     }
-    let rollout = Rollout {
-        examples: examples.to_vec(),
-        completions,
-        texts,
-        rewards_per_func,
-        advantages,
-        batch,
-    };
-    Ok((rollout, times))
+
+    /// Prompt and completion tokens the model saw (TRL's `num_tokens`).
+    fn num_tokens(&self) -> u64 {
+        let prompt: f32 = self
+            .batch
+            .prompt_mask
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|m| m.sum_all())
+            .and_then(|s| s.to_scalar::<f32>())
+            .unwrap_or(0.0);
+        prompt as u64 * self.batch.group_size as u64
+            + self.completions.lengths.iter().sum::<usize>() as u64
+    }
 }
 
 /// Optimizer updates of the run, as the HF Trainer computes them: `max_steps` when positive,
@@ -739,26 +997,13 @@ fn step_metrics(
             .flat_map(|r| r.completions.truncated.iter().copied())
             .collect(),
     };
-    let mean = |values: &mut dyn Iterator<Item = f64>| {
-        let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-        sum / n.max(1) as f64
-    };
-    let policy = LossMetrics {
-        kl: if micro.iter().all(|m| m.kl.is_some()) {
-            Some(mean(&mut micro.iter().filter_map(|m| m.kl)))
-        } else {
-            None
-        },
-        clip_ratio_low_mean: mean(&mut micro.iter().map(|m| m.clip_ratio_low_mean)),
-        clip_ratio_high_mean: mean(&mut micro.iter().map(|m| m.clip_ratio_high_mean)),
-        clip_ratio_region_mean: mean(&mut micro.iter().map(|m| m.clip_ratio_region_mean)),
-    };
+    let mean = |values: &mut dyn Iterator<Item = f64>| grpo::Mean::of_values(values).value();
     Ok(StepMetrics {
         loss: totals.loss,
         grad_norm: totals.grad_norm,
         learning_rate: totals.lr,
         rewards: RewardMetrics::new(rewards.names(), &rewards_per_func, &advantages)?,
-        policy,
+        policy: LossMetrics::mean_of(micro),
         completions: CompletionLengthMetrics::new(&all),
         entropy: mean(&mut entropy.iter().copied()),
         num_tokens: totals.num_tokens,

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
+use grpo::grpo::{grpo_loss, ImportanceSamplingLevel, LossInputs, LossParams, LossType};
 use grpo::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 
 use common::{assert_tensor_close, cases, golden_dir, tensors, Tolerance};
@@ -72,7 +72,12 @@ fn loss_and_grads(
         max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
         num_items_in_batch: num_items,
         gradient_accumulation_steps: 1,
+        steps_per_generation: 1,
         use_bias_correction_kl,
+        importance_sampling_level: ImportanceSamplingLevel::Token,
+        delta: None,
+        sapo_temperature_pos: 1.0,
+        sapo_temperature_neg: 1.05,
     };
     let inputs = LossInputs {
         logp: &logp,
@@ -80,6 +85,7 @@ fn loss_and_grads(
         ref_logp: Some(&ref_logp),
         advantages: &t["grpo.advantages"],
         mask: &mask,
+        entropy_mask: None,
     };
     let loss = grpo_loss(&inputs, &params).unwrap();
     let grads = loss.loss.backward().unwrap();
