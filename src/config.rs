@@ -120,6 +120,10 @@ pub struct Config {
     pub generation_batch_size: Option<usize>,
     /// Micro-steps trained on each generation; unset: `gradient_accumulation_steps`.
     pub steps_per_generation: Option<usize>,
+    /// Ours (DAPO): drop groups whose rewards all agree and sample more prompts instead.
+    pub dynamic_sampling: bool,
+    /// Ours: most extra generation rounds dynamic sampling runs per generation.
+    pub max_resample_rounds: usize,
 
     // The GRPO loss (GRPOConfig).
     pub beta: f64,
@@ -193,6 +197,8 @@ impl Default for Config {
             repetition_penalty: 1.0,
             generation_batch_size: None,
             steps_per_generation: None,
+            dynamic_sampling: false,
+            max_resample_rounds: 10,
 
             beta: 0.04,
             epsilon: 0.2,
@@ -660,7 +666,7 @@ impl Config {
         );
     }
 
-    /// `generation_batch_size` / `steps_per_generation`, as TRL checks them.
+    /// `generation_batch_size` / `steps_per_generation` (as TRL checks them) and dynamic sampling.
     fn check_generation_batch(&self, check: &mut Checker) {
         if let (Some(completions), Some(steps)) =
             (self.generation_batch_size, self.steps_per_generation)
@@ -695,6 +701,7 @@ impl Config {
                 ),
             );
         }
+        check.positive("max_resample_rounds", self.max_resample_rounds);
     }
 }
 

@@ -255,6 +255,14 @@ fn is_zero_std(std: f32) -> bool {
     std.abs() <= 1e-8
 }
 
+/// Whether the rewards of one group all agree (zero std, as [`Advantages::frac_reward_zero_std`]
+/// counts it): such a group has zero advantages and teaches the policy nothing, which is what
+/// dynamic sampling (DAPO) drops.
+pub fn rewards_agree(group: &[f32]) -> bool {
+    let (_, std) = mean_and_unbiased_std(group.iter().map(|&r| f64::from(r)));
+    is_zero_std(std as f32)
+}
+
 /// Computes advantages over consecutive groups of `num_generations` rewards.
 ///
 /// Means and stds are accumulated in f64 and rounded to f32 (torch's f32 reductions are exact to
@@ -873,6 +881,9 @@ pub struct StepMetrics {
     pub learning_rate: f64,
     #[serde(flatten)]
     pub rewards: RewardMetrics,
+    /// What dynamic sampling did; `None` (not logged) without it.
+    #[serde(flatten)]
+    pub dynamic_sampling: Option<DynamicSamplingMetrics>,
     #[serde(flatten)]
     pub policy: LossMetrics,
     #[serde(flatten)]
@@ -883,6 +894,18 @@ pub struct StepMetrics {
     pub num_tokens: u64,
     /// Wall-clock seconds of the step.
     pub step_time: f64,
+}
+
+/// How dynamic sampling (DAPO) filled a step's batch, averaged over its micro-batches' generations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DynamicSamplingMetrics {
+    /// Generation rounds sampled: 1, plus one per round of more prompts for the groups dropped.
+    #[serde(rename = "dynamic_sampling/generation_rounds")]
+    pub generation_rounds: f64,
+    /// Groups whose rewards all agree trained on anyway, because `max_resample_rounds` rounds
+    /// did not find enough others (0 normally).
+    #[serde(rename = "dynamic_sampling/filled_groups")]
+    pub filled_groups: f64,
 }
 
 /// Reward statistics of a batch (means and unbiased stds over all completions).

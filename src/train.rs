@@ -7,7 +7,8 @@
 //!    `num_iterations` passes;
 //! 2. sample `num_generations` completions per prompt (one prefill per prompt, shared KV cache);
 //! 3. score them with the rewards and turn rewards into group-normalised advantages over the
-//!    whole generation;
+//!    whole generation; with `dynamic_sampling`, drop the groups whose rewards all agree and
+//!    sample more prompts in their place (at most `max_resample_rounds` more rounds);
 //! 4. per micro-step, `forward_batch_size` completions at a time (whole groups, or equal slices
 //!    of one group): policy log-probs (grouped forward: one prompt pass for the chunk's
 //!    completions of it, their gradients summed into it), reference log-probs without a graph,
@@ -18,8 +19,8 @@
 //! 6. log (with the step's peak memory), save checkpoints on schedule, stop cleanly on Ctrl-C
 //!    with a checkpoint.
 //!
-//! Every random choice derives from (seed, step, micro-step, row), so a resumed run continues
-//! bit for bit as if it had never stopped.
+//! Every random choice derives from (seed, step, micro-step, round, row), so a resumed run
+//! continues bit for bit as if it had never stopped.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,8 +35,9 @@ use crate::config::{Config, MAX_COUNT};
 use crate::data::{DataPosition, Dataset, DatasetSpec, Example};
 use crate::device::Runtime;
 use crate::grpo::{
-    self, Advantages, CompletionBatch, CompletionLengthMetrics, ImportanceSamplingLevel,
-    LossInputs, LossMetrics, LossParams, LossType, MicroBatchSize, RewardMetrics, StepMetrics,
+    self, Advantages, CompletionBatch, CompletionLengthMetrics, DynamicSamplingMetrics,
+    ImportanceSamplingLevel, LossInputs, LossMetrics, LossParams, LossType, MicroBatchSize,
+    RewardMetrics, StepMetrics,
 };
 use crate::memory::{self, PeakMemory};
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
@@ -315,6 +317,19 @@ struct Rollout {
     /// Loss-mask tokens of the whole generation this micro-batch was sampled in (TRL's
     /// `num_items_in_batch`, the dapo and cispo normaliser).
     generation_items: usize,
+    /// What dynamic sampling did to fill that generation; `None` without it.
+    dynamic_sampling: Option<DynamicSampling>,
+}
+
+/// How dynamic sampling filled a generation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct DynamicSampling {
+    /// Generation rounds run (the first plus the resampling ones).
+    rounds: usize,
+    /// Groups whose rewards all agree kept because `max_resample_rounds` ran out.
+    filled_groups: usize,
+    /// Fraction of every group sampled (in all rounds) whose rewards all agree.
+    frac_reward_zero_std: f64,
 }
 
 /// Checkpoint files holding the generation of a checkpoint saved inside one (one that later
@@ -331,6 +346,9 @@ struct SavedRollout {
     lengths: Vec<usize>,
     truncated: Vec<bool>,
     group_size: usize,
+    /// Absent from checkpoints written before dynamic sampling existed.
+    #[serde(default)]
+    dynamic_sampling: Option<DynamicSampling>,
 }
 
 /// Writes `rollouts` into the checkpoint folder `dir`, exactly (tensors as safetensors), so a
@@ -378,6 +396,7 @@ fn save_rollouts(dir: &Path, rollouts: &[Rollout]) -> Result<()> {
             lengths: r.completions.lengths.clone(),
             truncated: r.completions.truncated.clone(),
             group_size: b.group_size,
+            dynamic_sampling: r.dynamic_sampling,
         });
     }
     candle_core::safetensors::save(&tensors, dir.join(ROLLOUTS_TENSORS))
@@ -467,6 +486,7 @@ fn load_rollouts(dir: &Path, device: &Device, micro_batches: usize) -> Result<Ve
                 },
                 batch,
                 generation_items: 0,
+                dynamic_sampling: s.dynamic_sampling,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -714,6 +734,12 @@ struct SampledGeneration {
 /// `steps_per_generation` micro-batches of `per_device_train_batch_size` prompts from the data
 /// order (`data` advances), their completions scored, advantages computed over the whole
 /// generation as TRL does.
+///
+/// With `dynamic_sampling` (DAPO), groups whose rewards all agree are dropped and further rounds
+/// sample the missing groups' worth of prompts, a micro-batch of prompts at a time, until the
+/// generation is full (surplus groups of the last round are left out) or `max_resample_rounds`
+/// extra rounds have run; then the first dropped groups fill the generation up (they have zero
+/// advantages, so only the KL term sees them) and a warning says so.
 fn generate(
     sampler: &Sampler,
     dataset: &Dataset,
@@ -723,36 +749,77 @@ fn generate(
 ) -> Result<SampledGeneration> {
     let cfg = sampler.cfg;
     let prompts_per_batch = cfg.per_device_train_batch_size;
+    let wanted = cfg.steps_per_generation() * prompts_per_batch;
     let mut times = PhaseTimes::default();
     let mut generated_tokens = 0;
-    let mut groups = Vec::with_capacity(cfg.steps_per_generation() * prompts_per_batch);
-    for batch in 0..cfg.steps_per_generation() {
-        // Micro-batch k is seeded as micro-step micro + k.
-        let seed = derive_seed(cfg.seed, step, (micro + batch) as u64);
-        let examples = dataset.next_batch(cfg.seed, prompts_per_batch, data);
-        let (sampled, batch_times) = sample_groups(sampler, &examples, seed)?;
-        times.add(&batch_times);
-        generated_tokens += sampled
-            .iter()
-            .flat_map(|g| &g.completions)
-            .map(Vec::len)
-            .sum::<usize>();
-        groups.extend(sampled);
+    let (mut kept, mut dropped) = (Vec::with_capacity(wanted), Vec::new());
+    let mut round = 0;
+    loop {
+        let batches = match round {
+            0 => cfg.steps_per_generation(),
+            _ => (wanted - kept.len()).div_ceil(prompts_per_batch),
+        };
+        for batch in 0..batches {
+            // Round 0 seeds micro-batch k as micro-step micro + k; later rounds get their own.
+            let seed = match round {
+                0 => derive_seed(cfg.seed, step, (micro + batch) as u64),
+                _ => derive_seed(
+                    derive_seed(cfg.seed, step, micro as u64),
+                    round as u64,
+                    batch as u64,
+                ),
+            };
+            let examples = dataset.next_batch(cfg.seed, prompts_per_batch, data);
+            let (sampled, batch_times) = sample_groups(sampler, &examples, seed)?;
+            times.add(&batch_times);
+            for group in sampled {
+                generated_tokens += group.completions.iter().map(Vec::len).sum::<usize>();
+                match cfg.dynamic_sampling && grpo::rewards_agree(&group.rewards) {
+                    true => dropped.push(group),
+                    false => kept.push(group),
+                }
+            }
+        }
+        if kept.len() >= wanted || round == cfg.max_resample_rounds {
+            break;
+        }
+        round += 1;
     }
+    let sampled_groups = kept.len() + dropped.len();
+    let frac_reward_zero_std = dropped.len() as f64 / sampled_groups as f64;
+    let filled_groups = wanted.saturating_sub(kept.len());
+    if filled_groups > 0 {
+        warn!(
+            "step {}: dynamic sampling found {} of {wanted} groups whose rewards differ in {} \
+             rounds (max_resample_rounds = {}); {filled_groups} groups whose rewards all agree \
+             fill the batch",
+            step + 1,
+            kept.len(),
+            round + 1,
+            cfg.max_resample_rounds
+        );
+        kept.extend(dropped.drain(..filled_groups));
+    }
+    kept.truncate(wanted);
+    let dynamic_sampling = cfg.dynamic_sampling.then_some(DynamicSampling {
+        rounds: round + 1,
+        filled_groups,
+        frac_reward_zero_std,
+    });
 
     let scoring_started = Instant::now();
-    let rewards: Vec<f32> = groups
+    let rewards: Vec<f32> = kept
         .iter()
         .flat_map(|g| g.rewards.iter().copied())
         .collect();
     let advantages = grpo::group_advantages(&rewards, cfg.num_generations, cfg.scale_rewards)?;
     let rows_per_batch = prompts_per_batch * cfg.num_generations;
-    let mut rollouts = groups
+    let mut rollouts = kept
         .chunks(prompts_per_batch)
         .enumerate()
         .map(|(k, groups)| {
             let advantages = advantages.rows(k * rows_per_batch, rows_per_batch);
-            Rollout::from_groups(groups, advantages, sampler)
+            Rollout::from_groups(groups, advantages, sampler, dynamic_sampling)
         })
         .collect::<Result<Vec<_>>>()?;
     let generation_items = rollouts.iter().map(|r| r.completions.num_items()).sum();
@@ -861,12 +928,13 @@ fn sample_groups(
 }
 
 impl Rollout {
-    /// A micro-batch of `groups` with their `advantages`: completion masks, and prompts and
-    /// completions padded into the training tensors.
+    /// A micro-batch of `groups` (possibly sampled in different rounds) with their `advantages`:
+    /// completion masks, and prompts and completions padded into the training tensors.
     fn from_groups(
         groups: &[SampledGroup],
         advantages: Advantages,
         sampler: &Sampler,
+        dynamic_sampling: Option<DynamicSampling>,
     ) -> Result<Self> {
         let device = sampler.model.lm_head_weight().device();
         let pad_id = sampler.stop.pad_id;
@@ -906,6 +974,7 @@ impl Rollout {
             advantages,
             batch,
             generation_items: 0,
+            dynamic_sampling,
         })
     }
 
@@ -998,11 +1067,25 @@ fn step_metrics(
             .collect(),
     };
     let mean = |values: &mut dyn Iterator<Item = f64>| grpo::Mean::of_values(values).value();
+    let mut reward_metrics = RewardMetrics::new(rewards.names(), &rewards_per_func, &advantages)?;
+    // With dynamic sampling the batch holds (nearly) no zero-std groups: frac_reward_zero_std
+    // counts those of every group sampled, dropped ones included.
+    let dynamic: Option<Vec<DynamicSampling>> =
+        rollouts.iter().map(|r| r.dynamic_sampling).collect();
+    let dynamic_sampling = dynamic.map(|stats| {
+        reward_metrics.frac_reward_zero_std =
+            mean(&mut stats.iter().map(|s| s.frac_reward_zero_std));
+        DynamicSamplingMetrics {
+            generation_rounds: mean(&mut stats.iter().map(|s| s.rounds as f64)),
+            filled_groups: mean(&mut stats.iter().map(|s| s.filled_groups as f64)),
+        }
+    });
     Ok(StepMetrics {
         loss: totals.loss,
         grad_norm: totals.grad_norm,
         learning_rate: totals.lr,
-        rewards: RewardMetrics::new(rewards.names(), &rewards_per_func, &advantages)?,
+        rewards: reward_metrics,
+        dynamic_sampling,
         policy: LossMetrics::mean_of(micro),
         completions: CompletionLengthMetrics::new(&all),
         entropy: mean(&mut entropy.iter().copied()),

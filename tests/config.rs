@@ -548,8 +548,8 @@ fn epsilon_high_defaults_to_epsilon() {
     );
 }
 
-/// TRL 1.16's loss variants and generation options: their defaults, values, and every
-/// combination refused with the field, the value and the fix.
+/// TRL 1.16's loss variants and generation options, and ours (dynamic sampling): their
+/// defaults, values, and every combination refused with the field, the value and the fix.
 #[test]
 fn loss_variants_and_generation_options() {
     let c = Config::default();
@@ -564,12 +564,16 @@ fn loss_variants_and_generation_options() {
         (c.steps_per_generation, c.generation_batch_size),
         (None, None)
     );
+    assert!(!c.dynamic_sampling);
+    assert_eq!(c.max_resample_rounds, 10);
 
     let c = load_overrides(&[
         "importance_sampling_level=sequence",
         "loss_type=sapo",
         "sapo_temperature_pos=0.5",
         "top_entropy_quantile=0.2",
+        "dynamic_sampling=true",
+        "max_resample_rounds=3",
     ])
     .unwrap();
     assert_eq!(
@@ -579,6 +583,8 @@ fn loss_variants_and_generation_options() {
     assert_eq!(c.loss_type, LossType::Sapo);
     assert_eq!(c.sapo_temperature_pos, 0.5);
     assert_eq!(c.top_entropy_quantile, 0.2);
+    assert!(c.dynamic_sampling);
+    assert_eq!(c.max_resample_rounds, 3);
     let c = load_overrides(&["loss_type=cispo", "epsilon_high=5.0"]).unwrap();
     assert_eq!(c.loss_type, LossType::Cispo);
     let c = load_overrides(&["delta=4.0"]).unwrap();
@@ -628,6 +634,10 @@ fn loss_variants_and_generation_options() {
         (
             &["steps_per_generation=0"],
             &["steps_per_generation", "0", "[1, 2147483647]"],
+        ),
+        (
+            &["max_resample_rounds=0"],
+            &["max_resample_rounds", "0", "[1, 2147483647]"],
         ),
         (
             &["delta=1.1"],
@@ -704,6 +714,7 @@ fn to_toml_round_trips() {
         "steps_per_generation=3",
         "importance_sampling_level=sequence",
         "top_entropy_quantile=0.2",
+        "dynamic_sampling=true",
     ])
     .unwrap();
     assert_round_trips(&every_option_set);

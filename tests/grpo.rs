@@ -7,9 +7,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use grpo::grpo::{
-    chunk_grpo_loss, group_advantages, grpo_loss, masked_mean, weighted_rewards, CompletionBatch,
-    CompletionLengthMetrics, GrpoLoss, ImportanceSamplingLevel, LossInputs, LossMetrics,
-    LossParams, LossType, MicroBatchSize, RewardMetrics, ScaleRewards, StepMetrics,
+    chunk_grpo_loss, group_advantages, grpo_loss, masked_mean, rewards_agree, weighted_rewards,
+    CompletionBatch, CompletionLengthMetrics, DynamicSamplingMetrics, GrpoLoss,
+    ImportanceSamplingLevel, LossInputs, LossMetrics, LossParams, LossType, MicroBatchSize,
+    RewardMetrics, ScaleRewards, StepMetrics,
 };
 use serde_json::Value;
 
@@ -431,11 +432,22 @@ fn single_generation_groups_have_zero_advantage() {
     assert_eq!(adv.frac_reward_zero_std(), 1.0);
 }
 
-/// A generation's advantages split into micro-batches by rows.
+/// Dynamic sampling drops exactly the groups `frac_reward_zero_std` counts; a generation's
+/// advantages split into micro-batches by rows.
 #[test]
-fn advantages_split_by_rows() {
+fn groups_whose_rewards_agree_are_the_zero_std_ones() {
+    assert!(rewards_agree(&[1.0, 1.0, 1.0]));
+    assert!(!rewards_agree(&[1.0, 1.0, 1.5]));
+    assert!(
+        !rewards_agree(&[0.0, 1e-6]),
+        "a tiny difference is still a signal"
+    );
+    assert!(rewards_agree(&[0.3]), "one completion has no std");
     let rewards = [1.0f32, 1.0, 0.0, 2.0, 0.5, 0.5];
     let adv = group_advantages(&rewards, 2, ScaleRewards::Group).unwrap();
+    let agree = rewards.chunks(2).filter(|g| rewards_agree(g)).count();
+    assert_eq!(agree, 2);
+    assert_eq!(adv.frac_reward_zero_std(), agree as f64 / 3.0);
     let middle = adv.rows(2, 2);
     assert_eq!(middle.rewards, [0.0, 2.0]);
     assert_eq!(middle.group_mean, [1.0, 1.0]);
@@ -901,6 +913,7 @@ fn step_metrics_serialise_with_trl_names() {
         grad_norm: 1.5,
         learning_rate: 1e-6,
         rewards: RewardMetrics::new(&["accuracy".to_owned()], &per_func, &adv).unwrap(),
+        dynamic_sampling: None,
         policy: loss.metrics,
         completions: CompletionLengthMetrics::default(),
         entropy,
@@ -941,24 +954,37 @@ fn step_metrics_serialise_with_trl_names() {
     assert_eq!(json["frac_reward_zero_std"], 0.5);
     assert_eq!(json["rewards/accuracy/mean"], 1.25);
 
-    // A sapo loss logs no clip ratios.
+    // Dynamic sampling's metrics follow the rewards'; a sapo loss logs no clip ratios.
     let sapo = LossParams {
         loss_type: LossType::Sapo,
         ..golden.params(LossType::Grpo)
     };
     let (_, sapo_loss) = golden.loss(&sapo);
-    let sapo_metrics = StepMetrics {
+    let with_dynamic_sampling = StepMetrics {
+        dynamic_sampling: Some(DynamicSamplingMetrics {
+            generation_rounds: 2.5,
+            filled_groups: 0.0,
+        }),
         policy: sapo_loss.metrics,
         ..metrics
     };
-    let json = serde_json::to_value(&sapo_metrics).unwrap();
+    let json = serde_json::to_value(&with_dynamic_sampling).unwrap();
     let keys: Vec<&str> = json
         .as_object()
         .unwrap()
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(keys[7..9], ["frac_reward_zero_std", "kl"]);
+    assert_eq!(
+        keys[7..11],
+        [
+            "frac_reward_zero_std",
+            "dynamic_sampling/generation_rounds",
+            "dynamic_sampling/filled_groups",
+            "kl",
+        ]
+    );
+    assert_eq!(json["dynamic_sampling/generation_rounds"], 2.5);
     assert!(
         !keys.iter().any(|k| k.starts_with("clip_ratio")),
         "{keys:?}"

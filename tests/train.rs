@@ -805,16 +805,131 @@ fn steps_per_generation_spreads_a_generation_over_steps() {
     assert_eq!(by_size.weights, spread.weights);
 }
 
-/// Generations of 4 micro-batches (2 steps each): resuming from checkpoint-1 (inside a
-/// generation: its rollouts, sampling-time log-probs included, come from the checkpoint) or
-/// checkpoint-2 (between two) ends bit for bit where the uninterrupted run does.
+/// A reward on which a few groups of the tiny random model agree (two completions of the same
+/// length in characters: open-r1's cosine reward of a wrong answer depends on length only) and
+/// most do not.
+const MIXED_REWARDS: &str = r#"reward_funcs=["cosine"]"#;
+
+/// The completions a run logged at `step`, grouped by prompt (2 per group): their rewards.
+fn logged_group_rewards(out: &Path, step: u64) -> Vec<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(out.join(format!("completions/step_{step}.jsonl"))).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    records
+        .chunks(2)
+        .map(|group| group.iter().map(|r| r["rewards"].clone()).collect())
+        .collect()
+}
+
+/// `dynamic_sampling`: without it some trained groups' rewards agree; with it none do, more
+/// prompts are used up, and the rounds and the zero-std fraction of everything sampled are
+/// logged.
 #[test]
-fn resume_inside_and_between_generations_continues_bit_for_bit() {
-    let extra = ["steps_per_generation=4", "save_steps=1", "max_steps=4"];
+fn dynamic_sampling_trains_only_on_groups_whose_rewards_differ() {
+    let steps = ["max_steps=3"];
+    let plain_dir = tempfile::tempdir().unwrap();
+    run_in(plain_dir.path(), &[&steps[..], &[MIXED_REWARDS]].concat());
+    let plain = plain_dir.path().join("out");
+    let agreeing = (1..=3)
+        .flat_map(|step| logged_group_rewards(&plain, step))
+        .filter(|group| group[0] == group[1])
+        .count();
+    assert!(agreeing > 0, "the premise: some groups' rewards agree");
+    for line in metrics(&plain) {
+        assert!(line.get("dynamic_sampling/generation_rounds").is_none());
+    }
+
+    let dynamic_dir = tempfile::tempdir().unwrap();
+    run_in(
+        dynamic_dir.path(),
+        &[&steps[..], &[MIXED_REWARDS, "dynamic_sampling=true"]].concat(),
+    );
+    let dynamic = dynamic_dir.path().join("out");
+    for step in 1..=3 {
+        for group in logged_group_rewards(&dynamic, step) {
+            assert_ne!(
+                group[0], group[1],
+                "step {step} trained on a zero-std group"
+            );
+        }
+    }
+    let lines = metrics(&dynamic);
+    assert!(lines
+        .iter()
+        .any(|l| value(l, "dynamic_sampling/generation_rounds") > 1.0));
+    for line in &lines {
+        assert_eq!(value(line, "dynamic_sampling/filled_groups"), 0.0);
+        let rounds = value(line, "dynamic_sampling/generation_rounds");
+        let zero_std = value(line, "frac_reward_zero_std");
+        assert_eq!(rounds > 1.0, zero_std > 0.0, "{line}");
+    }
+    let prompts = |p: grpo::data::DataPosition| p.epoch * QUESTIONS.len() as u64 + p.index;
+    assert!(prompts(data_at(&dynamic, 3)) > prompts(data_at(&plain, 3)));
+}
+
+/// When every group's rewards agree (a random model is never correct), dynamic sampling runs
+/// 1 + `max_resample_rounds` rounds, each sampling the missing groups' worth of prompts, then
+/// trains on groups whose rewards agree and says so.
+#[test]
+fn max_resample_rounds_bounds_dynamic_sampling() {
+    for rounds in [1u64, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = format!("max_resample_rounds={rounds}");
+        run_in(
+            dir.path(),
+            &[
+                "max_steps=1",
+                r#"reward_funcs=["correctness"]"#,
+                "dynamic_sampling=true",
+                &bound,
+            ],
+        );
+        let out = dir.path().join("out");
+        let line = &metrics(&out)[0];
+        assert_eq!(
+            value(line, "dynamic_sampling/generation_rounds"),
+            (1 + rounds) as f64
+        );
+        assert_eq!(
+            value(line, "dynamic_sampling/filled_groups"),
+            4.0,
+            "2 x 2 prompts"
+        );
+        assert_eq!(value(line, "frac_reward_zero_std"), 1.0);
+        // 4 prompts per round: the first round's, then the 4 missing groups' each time.
+        let data = data_at(&out, 1);
+        assert_eq!(
+            data.epoch * QUESTIONS.len() as u64 + data.index,
+            4 * (1 + rounds)
+        );
+    }
+}
+
+/// Dynamic sampling with generations of 4 micro-batches (2 steps each): resuming from
+/// checkpoint-1 (inside a generation: its rollouts come from the checkpoint) or checkpoint-2
+/// (between two: the resampled data order and the seeds of every round must come back) ends bit
+/// for bit where the uninterrupted run does.
+#[test]
+fn resume_with_dynamic_sampling_continues_bit_for_bit() {
+    let extra = [
+        MIXED_REWARDS,
+        "dynamic_sampling=true",
+        "steps_per_generation=4",
+        "save_steps=1",
+        "max_steps=4",
+    ];
     let straight = tempfile::tempdir().unwrap();
     grpo::train::train(&config(straight.path(), &extra)).unwrap();
     let a = straight.path().join("out");
     let logged = metrics(&a);
+    assert!(
+        logged
+            .iter()
+            .any(|l| value(l, "dynamic_sampling/generation_rounds") > 1.0),
+        "groups were resampled: {logged:?}"
+    );
     for from in [1usize, 2] {
         let resumed = tempfile::tempdir().unwrap();
         let resume = format!(
