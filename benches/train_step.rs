@@ -293,14 +293,10 @@ fn train_step(
     let reference = batch.logprobs(&models.reference, forward, config.temperature, false)?;
     let old_logp = policy.logprobs.detach();
     let params = LossParams {
-        loss_type: config.loss_type,
-        beta: config.beta,
-        epsilon_low: config.epsilon,
-        epsilon_high: config.epsilon_high(),
         max_completion_length: COMPLETION_LEN,
-        num_items_in_batch: batch.completion_mask.elem_count(),
         gradient_accumulation_steps: 1,
-        use_bias_correction_kl: false,
+        steps_per_generation: 1,
+        ..LossParams::from_config(config, batch.completion_mask.elem_count())
     };
     let loss = grpo_loss(
         &LossInputs {
@@ -309,6 +305,7 @@ fn train_step(
             ref_logp: Some(&reference.logprobs),
             advantages: &batch.advantages,
             mask: &batch.completion_mask,
+            entropy_mask: None,
         },
         &params,
     )?;

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use crate::grpo::{LossType, ScaleRewards};
+use crate::grpo::{ImportanceSamplingLevel, LossType, ScaleRewards};
 use crate::model::lora;
 pub use crate::optim::LrSchedulerType;
 use crate::{prompt, rewards};
@@ -152,13 +152,26 @@ pub struct Config {
     pub top_k: usize,
     pub min_p: Option<f64>,
     pub repetition_penalty: f64,
+    /// Completions sampled together; unset: `steps_per_generation` micro-steps' worth.
+    pub generation_batch_size: Option<usize>,
+    /// Micro-steps trained on each generation; unset: `gradient_accumulation_steps`.
+    pub steps_per_generation: Option<usize>,
+    /// Ours (DAPO): drop groups whose rewards all agree and sample more prompts instead.
+    pub dynamic_sampling: bool,
+    /// Ours: most extra generation rounds dynamic sampling runs per generation.
+    pub max_resample_rounds: usize,
 
     // The GRPO loss (GRPOConfig).
     pub beta: f64,
     pub epsilon: f64,
     pub epsilon_high: Option<f64>,
+    pub delta: Option<f64>,
     pub num_iterations: usize,
     pub loss_type: LossType,
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    pub sapo_temperature_neg: f64,
+    pub sapo_temperature_pos: f64,
+    pub top_entropy_quantile: f64,
     #[serde(deserialize_with = "scale_rewards_de")]
     pub scale_rewards: ScaleRewards,
     pub reward_weights: Option<Vec<f64>>,
@@ -230,12 +243,21 @@ impl Default for Config {
             top_k: 0,
             min_p: None,
             repetition_penalty: 1.0,
+            generation_batch_size: None,
+            steps_per_generation: None,
+            dynamic_sampling: false,
+            max_resample_rounds: 10,
 
             beta: 0.04,
             epsilon: 0.2,
             epsilon_high: None,
+            delta: None,
             num_iterations: 1,
             loss_type: LossType::Grpo,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            sapo_temperature_neg: 1.05,
+            sapo_temperature_pos: 1.0,
+            top_entropy_quantile: 1.0,
             scale_rewards: ScaleRewards::Group,
             reward_weights: None,
             mask_truncated_completions: false,
@@ -274,6 +296,19 @@ impl Config {
     /// The upper clipping bound: `epsilon_high`, or `epsilon` when unset.
     pub fn epsilon_high(&self) -> f64 {
         self.epsilon_high.unwrap_or(self.epsilon)
+    }
+
+    /// Micro-steps trained on each generation (TRL's resolved `steps_per_generation`):
+    /// `steps_per_generation`, else `generation_batch_size` over the completions of a
+    /// micro-step, else `gradient_accumulation_steps`.
+    pub fn steps_per_generation(&self) -> usize {
+        match (self.steps_per_generation, self.generation_batch_size) {
+            (Some(steps), _) => steps,
+            (None, Some(completions)) => {
+                completions / (self.per_device_train_batch_size * self.num_generations).max(1)
+            }
+            (None, None) => self.gradient_accumulation_steps,
+        }
     }
 
     /// The per-reward weights: `reward_weights`, or 1 for each of `reward_funcs` when unset.
@@ -642,6 +677,8 @@ impl Config {
             );
         }
         check.positive("num_iterations", self.num_iterations);
+        self.check_loss_variants(&mut check);
+        self.check_generation_batch(&mut check);
 
         check.that(
             !self.reward_funcs.is_empty(),
@@ -710,6 +747,104 @@ impl Config {
             }
         }
         check.problems
+    }
+}
+
+impl Config {
+    /// `delta`, `loss_type`'s own fields and `top_entropy_quantile`.
+    fn check_loss_variants(&self, check: &mut Checker) {
+        let clipped = matches!(
+            self.loss_type,
+            LossType::Grpo | LossType::Bnpo | LossType::DrGrpo | LossType::Dapo
+        );
+        if let Some(delta) = self.delta {
+            let upper = 1.0 + self.epsilon_high();
+            check.that(
+                delta.is_finite() && delta > upper,
+                "delta",
+                delta,
+                &format!(
+                    "a finite number above 1 + epsilon_high = {upper} (the cap on the ratio of \
+                     negative advantages lies above the clip range; INTELLECT-2 uses 4), or unset"
+                ),
+            );
+            check.that(
+                clipped,
+                "delta",
+                delta,
+                &format!(
+                    "unset with loss_type = {}: two-sided clipping applies to the clipped \
+                     losses (grpo, bnpo, dr_grpo, dapo)",
+                    serde_json::json!(self.loss_type)
+                ),
+            );
+        }
+        if self.loss_type == LossType::Cispo {
+            check.that(
+                self.epsilon_high.is_some_and(|high| high > 0.0),
+                "epsilon_high",
+                self.epsilon_high
+                    .map_or_else(|| "unset".to_string(), |high| high.to_string()),
+                "a number > 0 with loss_type = \"cispo\", which caps the ratio itself at \
+                 epsilon_high (ScaleRL recommends 5.0); set it explicitly",
+            );
+        }
+        for (field, value) in [
+            ("sapo_temperature_neg", self.sapo_temperature_neg),
+            ("sapo_temperature_pos", self.sapo_temperature_pos),
+        ] {
+            check.that(
+                value > 0.0 && value.is_finite(),
+                field,
+                value,
+                "a finite number > 0",
+            );
+        }
+        check.range(
+            "top_entropy_quantile",
+            self.top_entropy_quantile,
+            0.0,
+            1.0,
+            "a number in [0, 1] (1 trains on every token, 0.2 on the top 20% by entropy)",
+        );
+    }
+
+    /// `generation_batch_size` / `steps_per_generation` (as TRL checks them) and dynamic sampling.
+    fn check_generation_batch(&self, check: &mut Checker) {
+        if let (Some(completions), Some(steps)) =
+            (self.generation_batch_size, self.steps_per_generation)
+        {
+            check.that(
+                false,
+                "generation_batch_size",
+                format!("{completions} with steps_per_generation = {steps}"),
+                "only one of generation_batch_size and steps_per_generation",
+            );
+        }
+        if let Some(steps) = self.steps_per_generation {
+            check.positive("steps_per_generation", steps);
+        }
+        if let Some(completions) = self.generation_batch_size {
+            let g = self.num_generations.max(1);
+            let per_micro_step = self.per_device_train_batch_size.max(1).saturating_mul(g);
+            check.positive("generation_batch_size", completions);
+            check.that(
+                completions % g == 0,
+                "generation_batch_size",
+                completions,
+                &format!("a multiple of num_generations = {g} (whole groups of completions)"),
+            );
+            check.that(
+                completions % per_micro_step == 0,
+                "generation_batch_size",
+                completions,
+                &format!(
+                    "a multiple of per_device_train_batch_size × num_generations = \
+                     {per_micro_step} (the completions of one micro-step)"
+                ),
+            );
+        }
+        check.positive("max_resample_rounds", self.max_resample_rounds);
     }
 }
 

@@ -1,5 +1,6 @@
 //! The GRPO step as pure tensor math: completion masks, group-normalised advantages, the k3 KL
-//! against the reference, the clipped surrogate and the four loss aggregations, and the step's
+//! against the reference, the policy terms (clipped, two-sided clipped, CISPO, SAPO; token- or
+//! sequence-level ratios), high-entropy token masks, the loss aggregations, and the step's
 //! metrics. Nothing here knows about the model, the CLI or the device.
 //!
 //! Everything follows TRL's `GRPOTrainer` (`_generate_and_score_completions` and `_compute_loss`)
@@ -8,8 +9,9 @@
 //! 1. [`CompletionBatch`]: the loss mask runs up to and including the first EOS; tokens after it
 //!    become pad (what the model is fed); rows without EOS are truncated.
 //! 2. [`weighted_rewards`] and [`group_advantages`]: `A = (r - group_mean) / (std + 1e-4)` in f32.
-//! 3. [`grpo_loss`]: the clipped surrogate plus `beta` × k3 KL, aggregated per [`LossType`] and
-//!    scaled for gradient accumulation, with the clip and KL metrics TRL logs.
+//! 3. [`grpo_loss`]: the policy term of the [`LossType`] (on the tokens [`high_entropy_mask`]
+//!    keeps) plus `beta` × k3 KL, aggregated per [`LossType`] and scaled for gradient
+//!    accumulation, with the clip and KL metrics TRL logs.
 //! 4. [`StepMetrics`]: one logged step with TRL's key names.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -30,6 +32,23 @@ pub enum LossType {
     DrGrpo,
     /// Sum over tokens divided by the tokens of the whole accumulated batch (DAPO).
     Dapo,
+    /// The capped ratio (no graph) times the advantage times the log-prob, token sum divided
+    /// like dapo (MiniMax-M1's CISPO).
+    Cispo,
+    /// A temperature-controlled sigmoid gate instead of hard clipping, aggregated like grpo
+    /// (Soft Adaptive Policy Optimization).
+    Sapo,
+}
+
+/// Whether importance ratios are per token or per sequence (TRL's `importance_sampling_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceSamplingLevel {
+    /// One ratio per token, `exp(logp - old_logp)`.
+    #[default]
+    Token,
+    /// One ratio per sequence, the exp of the mean log-ratio over its tokens (GSPO).
+    Sequence,
 }
 
 /// How group rewards are scaled into advantages (TRL's `scale_rewards`).
@@ -226,10 +245,33 @@ impl Advantages {
         if self.std.is_empty() {
             return 0.0;
         }
-        // torch.isclose(std, 0) with its default atol.
-        let zero = self.std.iter().filter(|s| s.abs() <= 1e-8).count();
+        let zero = self.std.iter().filter(|&&s| is_zero_std(s)).count();
         zero as f64 / self.std.len() as f64
     }
+
+    /// Rows `start..start + len` (whole groups, for a micro-batch of a larger batch).
+    pub fn rows(&self, start: usize, len: usize) -> Advantages {
+        let rows = |v: &Vec<f32>| v[start..start + len].to_vec();
+        Advantages {
+            rewards: rows(&self.rewards),
+            group_mean: rows(&self.group_mean),
+            std: rows(&self.std),
+            advantages: rows(&self.advantages),
+        }
+    }
+}
+
+/// `torch.isclose(std, 0)` with its default tolerance, as TRL tests for zero-std groups.
+fn is_zero_std(std: f32) -> bool {
+    std.abs() <= 1e-8
+}
+
+/// Whether the rewards of one group all agree (zero std, as [`Advantages::frac_reward_zero_std`]
+/// counts it), or fewer than two of its completions have a reward (NaN std): such a group has
+/// zero advantages and teaches the policy nothing, which is what dynamic sampling (DAPO) drops.
+pub fn rewards_agree(group: &[f32]) -> bool {
+    let (_, std) = nan_mean_and_std(group.iter().map(|&r| f64::from(r)));
+    std.is_nan() || is_zero_std(std as f32)
 }
 
 /// Computes advantages over consecutive groups of `num_generations` rewards, leaving NaN rewards
@@ -309,18 +351,31 @@ fn nan_mean_and_std(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossParams {
     pub loss_type: LossType,
+    /// Whether the importance ratio is per token or one per sequence (GSPO).
+    pub importance_sampling_level: ImportanceSamplingLevel,
     /// KL coefficient; 0 disables the KL term (no reference model needed).
     pub beta: f64,
-    /// The ratio is clipped to `[1 - epsilon_low, 1 + epsilon_high]`.
+    /// The ratio is clipped to `[1 - epsilon_low, 1 + epsilon_high]`; cispo instead caps the
+    /// ratio itself at `epsilon_high`.
     pub epsilon_low: f64,
     pub epsilon_high: f64,
+    /// Two-sided clipping (INTELLECT-2): the unclipped ratio is also capped at `delta`, which
+    /// bounds the loss of negative advantages. Clipped loss types only.
+    pub delta: Option<f64>,
+    /// sapo's gate temperatures for positive and for non-positive advantages.
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
     /// The dr_grpo normaliser (micro-batch completions × `max_completion_length`).
     pub max_completion_length: usize,
-    /// dapo only: unmasked completion tokens of the whole accumulated batch (every micro-batch
-    /// of the optimizer step), TRL's `num_items_in_batch`.
+    /// dapo and cispo: unmasked completion tokens of the whole generation batch (every
+    /// micro-batch sampled together), TRL's `num_items_in_batch`.
     pub num_items_in_batch: usize,
-    /// Micro-batches per optimizer step: grpo, bnpo and dr_grpo losses are divided by it.
+    /// Micro-batches per optimizer step: grpo, bnpo, dr_grpo and sapo losses are divided by it.
     pub gradient_accumulation_steps: usize,
+    /// Micro-batches per generation: dapo and cispo divide by `num_items_in_batch ×
+    /// gradient_accumulation_steps / steps_per_generation`, the tokens of one optimizer step's
+    /// share of the generation.
+    pub steps_per_generation: usize,
     /// TRL's `use_bias_correction_kl`: multiply the per-token KL by the importance ratio.
     pub use_bias_correction_kl: bool,
 }
@@ -330,43 +385,146 @@ pub struct LossParams {
 pub struct LossInputs<'a> {
     /// Per-token log-probs of the policy, attached to the graph.
     pub logp: &'a Tensor,
-    /// Log-probs the completions were sampled with: `logp.detach()` when `num_iterations` is 1,
-    /// the sampling-time log-probs otherwise.
+    /// Log-probs the completions were sampled with: `logp.detach()` when they were sampled by
+    /// the weights being trained, the sampling-time log-probs otherwise.
     pub old_logp: &'a Tensor,
     /// Reference-model log-probs; required when `beta != 0`, ignored otherwise.
     pub ref_logp: Option<&'a Tensor>,
     pub advantages: &'a Tensor,
     /// Loss mask (1.0 = completion token), any float dtype.
     pub mask: &'a Tensor,
+    /// The tokens the policy term keeps (`top_entropy_quantile`, see [`high_entropy_mask`]);
+    /// `None` keeps every token. The KL term and the normalisers use `mask` either way.
+    pub entropy_mask: Option<&'a Tensor>,
 }
 
-/// The KL and clip metrics TRL computes inside the loss (one micro-batch).
+/// A mean kept as its parts, so that the means of the chunks of a micro-batch (or the
+/// micro-batches of a step) combine exactly. Serialised as its value.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Mean {
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl Mean {
+    /// `sum / max(count, 1)`, TRL's global masked mean.
+    pub fn value(&self) -> f64 {
+        self.sum / self.count.max(1.0)
+    }
+
+    /// The plain mean of `values` (TRL's average of the values logged per micro-batch).
+    pub fn of_values(values: impl Iterator<Item = f64>) -> Self {
+        values.fold(Self::default(), |mean, value| Self {
+            sum: mean.sum + value,
+            count: mean.count + 1.0,
+        })
+    }
+
+    /// `sum(values * mask)` over `sum(mask)`, in f64.
+    pub fn masked(values: &Tensor, mask: &Tensor) -> Result<Self> {
+        let mask = mask.to_dtype(DType::F64)?;
+        let sum = (values.to_dtype(DType::F64)?.broadcast_mul(&mask))?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        let count = mask.sum_all()?.to_scalar::<f64>()?;
+        Ok(Self { sum, count })
+    }
+}
+
+impl std::ops::Add for Mean {
+    type Output = Mean;
+
+    /// The mean of both parts together.
+    fn add(self, other: Mean) -> Mean {
+        Mean {
+            sum: self.sum + other.sum,
+            count: self.count + other.count,
+        }
+    }
+}
+
+impl Serialize for Mean {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.value())
+    }
+}
+
+/// The KL and clip metrics TRL computes inside the loss (one micro-batch, or a chunk of one).
+/// Token-level metrics are means over unmasked tokens; with sequence-level importance sampling
+/// the clip ratios are means over sequences, as TRL computes them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct LossMetrics {
     /// Masked mean of the per-token KL; `None` when `beta == 0` (TRL does not log it then).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kl: Option<f64>,
-    /// Masked fraction of tokens with `ratio < 1 - epsilon_low` and a negative advantage.
-    #[serde(rename = "clip_ratio/low_mean")]
-    pub clip_ratio_low_mean: f64,
-    /// Masked fraction of tokens with `ratio > 1 + epsilon_high` and a positive advantage.
-    #[serde(rename = "clip_ratio/high_mean")]
-    pub clip_ratio_high_mean: f64,
-    /// Masked fraction of tokens clipped either way.
-    #[serde(rename = "clip_ratio/region_mean")]
-    pub clip_ratio_region_mean: f64,
+    pub kl: Option<Mean>,
+    /// Fraction with `ratio < 1 - epsilon_low` and a negative advantage (clipped loss types).
+    #[serde(
+        rename = "clip_ratio/low_mean",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clip_ratio_low_mean: Option<Mean>,
+    /// Fraction with `ratio > 1 + epsilon_high` and a positive advantage (the ratio capped at
+    /// `delta` first, as TRL does).
+    #[serde(
+        rename = "clip_ratio/high_mean",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clip_ratio_high_mean: Option<Mean>,
+    /// Fraction clipped either way.
+    #[serde(
+        rename = "clip_ratio/region_mean",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub clip_ratio_region_mean: Option<Mean>,
+    /// cispo: fraction with `ratio > epsilon_high` and a positive advantage.
+    #[serde(rename = "cispo_clip_ratio", skip_serializing_if = "Option::is_none")]
+    pub cispo_clip_ratio: Option<Mean>,
+}
+
+impl LossMetrics {
+    /// The metrics of a micro-batch from those of its chunks: every metric is a mean over the
+    /// micro-batch's tokens (or sequences), so adding the parts gives the micro-batch's own.
+    pub fn of_chunks(chunks: &[LossMetrics]) -> LossMetrics {
+        Self::combine(chunks, |parts| {
+            parts.iter().fold(Mean::default(), |a, &b| a + b)
+        })
+    }
+
+    /// The metrics of a step: the plain mean over its micro-batches of each one's value (TRL
+    /// logs one value per micro-batch and averages them).
+    pub fn mean_of(micro_batches: &[LossMetrics]) -> LossMetrics {
+        Self::combine(micro_batches, |parts| {
+            Mean::of_values(parts.iter().map(Mean::value))
+        })
+    }
+
+    /// Each metric combined over `parts` by `combine`; a metric missing from any part (a
+    /// loss type or beta that does not log it) is missing from the result.
+    fn combine(parts: &[LossMetrics], combine: impl Fn(&[Mean]) -> Mean) -> LossMetrics {
+        let metric = |get: fn(&LossMetrics) -> Option<Mean>| -> Option<Mean> {
+            let values: Option<Vec<Mean>> = parts.iter().map(get).collect();
+            values.filter(|v| !v.is_empty()).map(|v| combine(&v))
+        };
+        LossMetrics {
+            kl: metric(|m| m.kl),
+            clip_ratio_low_mean: metric(|m| m.clip_ratio_low_mean),
+            clip_ratio_high_mean: metric(|m| m.clip_ratio_high_mean),
+            clip_ratio_region_mean: metric(|m| m.clip_ratio_region_mean),
+            cispo_clip_ratio: metric(|m| m.cispo_clip_ratio),
+        }
+    }
 }
 
 /// The result of [`grpo_loss`].
 #[derive(Debug, Clone)]
 pub struct GrpoLoss {
     /// Scalar to call `backward` on, already scaled for gradient accumulation exactly as TRL
-    /// does: grpo, bnpo and dr_grpo divide the micro-batch loss by
-    /// `gradient_accumulation_steps`; dapo divides the token sum by `num_items_in_batch` of the
-    /// whole accumulated batch. Summing its value over the micro-batches of a step gives the
-    /// step's loss as the HF Trainer logs it.
+    /// does: grpo, bnpo, dr_grpo and sapo divide the micro-batch loss by
+    /// `gradient_accumulation_steps`; dapo and cispo divide the token sum by the generation's
+    /// `num_items_in_batch × gradient_accumulation_steps / steps_per_generation`. Summing its
+    /// value over the micro-batches of a step gives the step's loss as the HF Trainer logs it.
     pub loss: Tensor,
-    /// `-min(ratio * A, clip(ratio) * A) + beta * kl` per token, before masking.
+    /// The policy term (times the entropy mask) plus `beta` × KL per token, before masking.
     pub per_token_loss: Tensor,
     /// The k3 KL per token (times the ratio with `use_bias_correction_kl`); `None` if `beta == 0`.
     pub per_token_kl: Option<Tensor>,
@@ -380,7 +538,7 @@ pub struct GrpoLoss {
 /// micro-batch's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MicroBatchSize {
-    /// Completions of the micro-batch (grpo and dr_grpo divide by it).
+    /// Completions of the micro-batch (grpo, sapo and dr_grpo divide by it).
     pub completions: usize,
     /// Sum of the micro-batch's loss mask: its unmasked completion tokens (bnpo divides by it).
     pub tokens: f64,
@@ -400,7 +558,7 @@ impl MicroBatchSize {
     }
 }
 
-/// The GRPO loss of one micro-batch (TRL's `_compute_loss` with token-level importance sampling).
+/// The GRPO loss of one micro-batch (TRL's `_compute_loss`).
 pub fn grpo_loss(inputs: &LossInputs, params: &LossParams) -> Result<GrpoLoss> {
     chunk_grpo_loss(inputs, params, MicroBatchSize::of(inputs.mask)?)
 }
@@ -419,6 +577,7 @@ pub fn chunk_grpo_loss(
         ref_logp,
         advantages,
         mask,
+        entropy_mask,
     } = *inputs;
     let (batch, width) = logp
         .dims2()
@@ -433,14 +592,17 @@ pub fn chunk_grpo_loss(
     };
     expect_shape("old_logp", old_logp)?;
     expect_shape("mask", mask)?;
+    if let Some(entropy_mask) = entropy_mask {
+        expect_shape("entropy_mask", entropy_mask)?;
+    }
     ensure!(
         advantages.dims() == [batch],
         "advantages has shape {:?} but the batch has {batch} completions",
         advantages.dims()
     );
     ensure!(
-        params.gradient_accumulation_steps > 0,
-        "gradient_accumulation_steps must be at least 1"
+        params.gradient_accumulation_steps > 0 && params.steps_per_generation > 0,
+        "gradient_accumulation_steps and steps_per_generation must be at least 1"
     );
     ensure!(
         batch <= micro_batch.completions,
@@ -451,12 +613,17 @@ pub fn chunk_grpo_loss(
     let mask = mask.to_dtype(dtype)?;
     let advantages = advantages.to_dtype(dtype)?.unsqueeze(1)?;
 
-    let ratio = (logp - old_logp)?.exp()?;
-    let clipped = ratio.clamp(1.0 - params.epsilon_low, 1.0 + params.epsilon_high)?;
-    let surrogate = ratio
-        .broadcast_mul(&advantages)?
-        .minimum(&clipped.broadcast_mul(&advantages)?)?;
-    let mut per_token_loss = surrogate.neg()?;
+    // The importance ratio: [B, C] per token, or [B, 1] per sequence (the exp of the masked
+    // mean log-ratio, GSPO).
+    let log_ratio = (logp - old_logp)?;
+    let log_weights = match params.importance_sampling_level {
+        ImportanceSamplingLevel::Token => log_ratio,
+        ImportanceSamplingLevel::Sequence => (&log_ratio * &mask)?
+            .sum_keepdim(1)?
+            .broadcast_div(&mask.sum_keepdim(1)?.maximum(1.0)?)?,
+    };
+    let ratio = log_weights.exp()?;
+
     let per_token_kl = if params.beta != 0.0 {
         let Some(ref_logp) = ref_logp else {
             bail!(
@@ -467,21 +634,29 @@ pub fn chunk_grpo_loss(
         };
         expect_shape("ref_logp", ref_logp)?;
         let ref_minus_logp = (ref_logp - logp)?;
-        let mut kl = ((ref_minus_logp.exp()? - &ref_minus_logp)? - 1.0)?;
-        if params.use_bias_correction_kl {
-            kl = (kl * &ratio)?;
-        }
-        per_token_loss = (per_token_loss + (&kl * params.beta)?)?;
-        Some(kl)
+        let kl = ((ref_minus_logp.exp()? - &ref_minus_logp)? - 1.0)?;
+        Some(match params.use_bias_correction_kl {
+            true => kl.broadcast_mul(&ratio)?,
+            false => kl,
+        })
     } else {
         None
     };
+
+    let policy = policy_term(&ratio, &advantages, logp, params)?;
+    let mut per_token_loss = policy.loss.broadcast_as((batch, width))?.contiguous()?;
+    if let Some(entropy_mask) = entropy_mask {
+        per_token_loss = (per_token_loss * entropy_mask.to_dtype(dtype)?)?;
+    }
+    if let Some(kl) = &per_token_kl {
+        per_token_loss = (per_token_loss + (kl * params.beta)?)?;
+    }
 
     let masked_sum = (&per_token_loss * &mask)?;
     let accumulation = params.gradient_accumulation_steps as f64;
     let completions = micro_batch.completions as f64;
     let loss = match params.loss_type {
-        LossType::Grpo => {
+        LossType::Grpo | LossType::Sapo => {
             let per_sequence = masked_sum.sum(1)?.div(&mask.sum(1)?.maximum(1.0)?)?;
             (per_sequence.sum(0)? / (completions * accumulation))?
         }
@@ -494,10 +669,41 @@ pub fn chunk_grpo_loss(
             let normaliser = completions * params.max_completion_length as f64 * accumulation;
             (masked_sum.sum_all()? / normaliser)?
         }
-        LossType::Dapo => (masked_sum.sum_all()? / params.num_items_in_batch.max(1) as f64)?,
+        LossType::Dapo | LossType::Cispo => {
+            // num_items_in_batch spans the generation: rescaled to one optimizer step's share.
+            let normaliser = params.num_items_in_batch.max(1) as f64 * accumulation
+                / params.steps_per_generation as f64;
+            (masked_sum.sum_all()? / normaliser)?
+        }
     };
 
-    let metrics = loss_metrics(&ratio, &advantages, per_token_kl.as_ref(), &mask, params)?;
+    let level = params.importance_sampling_level;
+    let metrics = LossMetrics {
+        kl: per_token_kl
+            .as_ref()
+            .map(|kl| Mean::masked(&kl.detach(), &mask))
+            .transpose()?,
+        clip_ratio_low_mean: policy
+            .clipped_low
+            .as_ref()
+            .map(|low| ratio_mean(low, &mask, level))
+            .transpose()?,
+        clip_ratio_high_mean: policy
+            .clipped_high
+            .as_ref()
+            .map(|high| ratio_mean(high, &mask, level))
+            .transpose()?,
+        clip_ratio_region_mean: match (&policy.clipped_low, &policy.clipped_high) {
+            // An advantage is never both negative and positive, so the sum is the union.
+            (Some(low), Some(high)) => Some(ratio_mean(&(low + high)?, &mask, level)?),
+            _ => None,
+        },
+        cispo_clip_ratio: policy
+            .cispo_clipped
+            .as_ref()
+            .map(|clipped| ratio_mean(clipped, &mask, level))
+            .transpose()?,
+    };
     Ok(GrpoLoss {
         loss,
         per_token_loss,
@@ -506,74 +712,182 @@ pub fn chunk_grpo_loss(
     })
 }
 
-fn loss_metrics(
+/// The policy term of the per-token loss, `[B, C]` or `[B, 1]` like the ratio, with the 0/1
+/// indicators (no graph) of the tokens (or sequences) its loss type counts as clipped.
+struct PolicyTerm {
+    loss: Tensor,
+    clipped_low: Option<Tensor>,
+    clipped_high: Option<Tensor>,
+    cispo_clipped: Option<Tensor>,
+}
+
+fn policy_term(
     ratio: &Tensor,
     advantages: &Tensor,
-    per_token_kl: Option<&Tensor>,
-    mask: &Tensor,
+    logp: &Tensor,
     params: &LossParams,
-) -> Result<LossMetrics> {
-    let ratio = ratio.detach();
+) -> Result<PolicyTerm> {
     let dtype = ratio.dtype();
-    let negative = advantages.lt(0.0)?.to_dtype(dtype)?;
-    let positive = advantages.gt(0.0)?.to_dtype(dtype)?;
-    let low = ratio
-        .lt(1.0 - params.epsilon_low)?
-        .to_dtype(dtype)?
-        .broadcast_mul(&negative)?;
-    let high = ratio
-        .gt(1.0 + params.epsilon_high)?
-        .to_dtype(dtype)?
-        .broadcast_mul(&positive)?;
-    // An advantage is never both negative and positive, so the sum is the union.
-    let region = (&low + &high)?;
-    Ok(LossMetrics {
-        kl: per_token_kl
-            .map(|kl| masked_mean(&kl.detach(), mask))
-            .transpose()?,
-        clip_ratio_low_mean: masked_mean(&low, mask)?,
-        clip_ratio_high_mean: masked_mean(&high, mask)?,
-        clip_ratio_region_mean: masked_mean(&region, mask)?,
+    let indicator = |t: Tensor| t.to_dtype(dtype);
+    let positive = indicator(advantages.gt(0.0)?)?;
+    Ok(match params.loss_type {
+        LossType::Grpo | LossType::Bnpo | LossType::DrGrpo | LossType::Dapo => {
+            let clipped = ratio.clamp(1.0 - params.epsilon_low, 1.0 + params.epsilon_high)?;
+            let ratio = match params.delta {
+                Some(delta) => ratio.minimum(delta)?,
+                None => ratio.clone(),
+            };
+            let loss = ratio
+                .broadcast_mul(advantages)?
+                .minimum(&clipped.broadcast_mul(advantages)?)?
+                .neg()?;
+            let ratio = ratio.detach();
+            let negative = indicator(advantages.lt(0.0)?)?;
+            let low = indicator(ratio.lt(1.0 - params.epsilon_low)?)?.broadcast_mul(&negative)?;
+            let high = indicator(ratio.gt(1.0 + params.epsilon_high)?)?.broadcast_mul(&positive)?;
+            PolicyTerm {
+                loss,
+                clipped_low: Some(low),
+                clipped_high: Some(high),
+                cispo_clipped: None,
+            }
+        }
+        LossType::Cispo => {
+            // The capped ratio is a constant weight on the log-prob's gradient (MiniMax-M1).
+            let ratio = ratio.detach();
+            let weight = ratio.minimum(params.epsilon_high)?;
+            let loss = weight
+                .broadcast_mul(advantages)?
+                .broadcast_mul(logp)?
+                .neg()?;
+            let clipped = indicator(ratio.gt(params.epsilon_high)?)?.broadcast_mul(&positive)?;
+            PolicyTerm {
+                loss,
+                clipped_low: None,
+                clipped_high: None,
+                cispo_clipped: Some(clipped),
+            }
+        }
+        LossType::Sapo => {
+            // A soft gate sigmoid(t (r - 1)) * 4 / t instead of hard clipping, with t per sign of
+            // the advantage.
+            let ones = advantages.ones_like()?;
+            let temperature = advantages.gt(0.0)?.where_cond(
+                &ones.affine(params.sapo_temperature_pos, 0.0)?,
+                &ones.affine(params.sapo_temperature_neg, 0.0)?,
+            )?;
+            let gate = (candle_nn::ops::sigmoid(&(ratio - 1.0)?.broadcast_mul(&temperature)?)?
+                * 4.0)?
+                .broadcast_div(&temperature)?;
+            PolicyTerm {
+                loss: gate.broadcast_mul(advantages)?.neg()?,
+                clipped_low: None,
+                clipped_high: None,
+                cispo_clipped: None,
+            }
+        }
     })
 }
 
-impl LossMetrics {
-    /// The metrics of a micro-batch from those of its chunks, each given with the sum of its loss
-    /// mask: every metric is a masked mean, so weighting by tokens gives the micro-batch's own.
-    pub fn of_chunks(chunks: &[(LossMetrics, f64)]) -> LossMetrics {
-        let combine = |metric: fn(&LossMetrics) -> f64| {
-            combine_masked_means(chunks.iter().map(|(m, tokens)| (metric(m), *tokens)))
-        };
-        LossMetrics {
-            kl: chunks
-                .iter()
-                .all(|(m, _)| m.kl.is_some())
-                .then(|| combine(|m| m.kl.unwrap_or(0.0))),
-            clip_ratio_low_mean: combine(|m| m.clip_ratio_low_mean),
-            clip_ratio_high_mean: combine(|m| m.clip_ratio_high_mean),
-            clip_ratio_region_mean: combine(|m| m.clip_ratio_region_mean),
-        }
+/// The mean of a clip indicator: over unmasked tokens, or with sequence-level importance
+/// sampling over sequences (all of them, as TRL counts them).
+fn ratio_mean(indicator: &Tensor, mask: &Tensor, level: ImportanceSamplingLevel) -> Result<Mean> {
+    match level {
+        ImportanceSamplingLevel::Token => Mean::masked(indicator, mask),
+        ImportanceSamplingLevel::Sequence => Ok(Mean {
+            sum: indicator
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?,
+            count: indicator.dim(0)? as f64,
+        }),
     }
-}
-
-/// The [`masked_mean`] of a whole from `(masked mean, mask sum)` of its parts.
-pub fn combine_masked_means(parts: impl Iterator<Item = (f64, f64)>) -> f64 {
-    let (total, count) = parts.fold((0.0, 0.0), |(total, count), (mean, tokens)| {
-        (total + mean * tokens, count + tokens)
-    });
-    total / f64::max(count, 1.0)
 }
 
 /// `sum(values * mask) / max(sum(mask), 1)`: TRL's global masked mean (kl, entropy, clip ratios).
 pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<f64> {
-    let mask = mask.to_dtype(DType::F64)?;
-    let total = (values.to_dtype(DType::F64)? * &mask)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    let count = mask.sum_all()?.to_scalar::<f64>()?;
-    Ok(total / count.max(1.0))
+    Ok(Mean::masked(values, mask)?.value())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Entropy masking (top_entropy_quantile)
+// ---------------------------------------------------------------------------------------------
+
+/// The entropy at or above which a token of a micro-batch stays in the policy loss under
+/// `top_entropy_quantile` ("Beyond the 80/20 rule"; TRL's `get_high_entropy_mask`): the
+/// `1 - top_entropy_quantile` quantile of the entropies of the unmasked tokens, with
+/// `torch.quantile`'s linear interpolation in f32. A micro-batch fed in chunks passes every
+/// chunk's entropy and mask, so the quantile is the whole micro-batch's. `None` when no token is
+/// unmasked.
+pub fn entropy_threshold(
+    chunks: &[(&Tensor, &Tensor)],
+    top_entropy_quantile: f64,
+) -> Result<Option<f32>> {
+    ensure!(
+        (0.0..=1.0).contains(&top_entropy_quantile),
+        "top_entropy_quantile must lie in [0, 1], got {top_entropy_quantile}"
+    );
+    let mut values = Vec::new();
+    for (entropy, mask) in chunks {
+        let entropy = entropy
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        ensure!(
+            entropy.len() == mask.len(),
+            "entropy and mask differ in shape"
+        );
+        values.extend(
+            entropy
+                .iter()
+                .zip(&mask)
+                .filter(|(_, &m)| m != 0.0)
+                .map(|(&e, _)| e),
+        );
+    }
+    if values.is_empty() {
+        return Ok(None);
+    }
+    values.sort_by(f32::total_cmp);
+    // torch.quantile: rank = q * (n - 1) in the input's dtype, then lerp between its neighbours.
+    let q = (1.0 - top_entropy_quantile) as f32;
+    let rank = q * (values.len() - 1) as f32;
+    let below = rank as usize;
+    let above = (rank.ceil() as usize).min(values.len() - 1);
+    Ok(Some(lerp(
+        values[below],
+        values[above],
+        rank - below as f32,
+    )))
+}
+
+/// torch's `lerp(start, end, weight)` for f32.
+fn lerp(start: f32, end: f32, weight: f32) -> f32 {
+    if weight < 0.5 {
+        start + weight * (end - start)
+    } else {
+        end - (end - start) * (1.0 - weight)
+    }
+}
+
+/// 1.0 for the unmasked tokens whose entropy is at least `threshold` (see [`entropy_threshold`]),
+/// else 0.0; all 0.0 without a threshold. `[B, C]` like `entropy`.
+pub fn high_entropy_mask(
+    entropy: &Tensor,
+    mask: &Tensor,
+    threshold: Option<f32>,
+) -> Result<Tensor> {
+    let dtype = mask.dtype();
+    let Some(threshold) = threshold else {
+        return Ok(mask.zeros_like()?);
+    };
+    let kept = entropy
+        .to_dtype(DType::F32)?
+        .ge(threshold)?
+        .to_dtype(dtype)?;
+    Ok((kept * mask.ne(0.0)?.to_dtype(dtype)?)?)
+}
 // ---------------------------------------------------------------------------------------------
 // Step metrics
 // ---------------------------------------------------------------------------------------------
@@ -586,6 +900,9 @@ pub struct StepMetrics {
     pub learning_rate: f64,
     #[serde(flatten)]
     pub rewards: RewardMetrics,
+    /// What dynamic sampling did; `None` (not logged) without it.
+    #[serde(flatten)]
+    pub dynamic_sampling: Option<DynamicSamplingMetrics>,
     #[serde(flatten)]
     pub policy: LossMetrics,
     #[serde(flatten)]
@@ -596,6 +913,18 @@ pub struct StepMetrics {
     pub num_tokens: u64,
     /// Wall-clock seconds of the step.
     pub step_time: f64,
+}
+
+/// How dynamic sampling (DAPO) filled a step's batch, averaged over its micro-batches' generations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DynamicSamplingMetrics {
+    /// Generation rounds sampled: 1, plus one per round of more prompts for the groups dropped.
+    #[serde(rename = "dynamic_sampling/generation_rounds")]
+    pub generation_rounds: f64,
+    /// Groups whose rewards all agree trained on anyway, because `max_resample_rounds` rounds
+    /// did not find enough others (0 normally).
+    #[serde(rename = "dynamic_sampling/filled_groups")]
+    pub filled_groups: f64,
 }
 
 /// Reward statistics of a batch (means and unbiased stds over all completions).

@@ -1,5 +1,5 @@
-//! How the commands turn the [`Config`] into the parameters of the pieces below them: the
-//! optimiser, the schedule, the rewards, sampling, the dataset, the prompts and the LoRA
+//! How the commands turn the [`Config`] into the parameters of the pieces below them: the loss,
+//! the optimiser, the schedule, the rewards, sampling, the dataset, the prompts and the LoRA
 //! adapters know nothing of the config (layers only look down); each `from_config` here is the
 //! one place a config field reaches them.
 
@@ -10,12 +10,36 @@ use anyhow::Result;
 
 use crate::config::Config;
 use crate::data::{Dataset, DatasetSpec};
+use crate::grpo::LossParams;
 use crate::model::{lora, LoraSpec};
 use crate::optim::{warmup_steps, AdamWParams, LrSchedule};
 use crate::prompt::{ChatTokenizer, Prompter};
 use crate::rewards::external::{self, ExternalParams};
 use crate::rewards::{RewardParams, RewardSet};
 use crate::sampling::SamplingParams;
+
+impl LossParams {
+    /// The config's loss (`loss_type`, `importance_sampling_level`, `beta`, `epsilon`,
+    /// `epsilon_high`, `delta`, `sapo_temperature_*`, the accumulation and generation sizes)
+    /// for a micro-batch of a generation whose loss mask sums to `num_items_in_batch` tokens.
+    pub fn from_config(cfg: &Config, num_items_in_batch: usize) -> Self {
+        Self {
+            loss_type: cfg.loss_type,
+            importance_sampling_level: cfg.importance_sampling_level,
+            beta: cfg.beta,
+            epsilon_low: cfg.epsilon,
+            epsilon_high: cfg.epsilon_high(),
+            delta: cfg.delta,
+            sapo_temperature_pos: cfg.sapo_temperature_pos,
+            sapo_temperature_neg: cfg.sapo_temperature_neg,
+            max_completion_length: cfg.max_completion_length,
+            num_items_in_batch,
+            gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+            steps_per_generation: cfg.steps_per_generation(),
+            use_bias_correction_kl: false,
+        }
+    }
+}
 
 impl AdamWParams {
     /// The config's `adam_beta1`, `adam_beta2`, `adam_epsilon` and `weight_decay`.

@@ -137,18 +137,20 @@ impl Run {
 
     /// `error` (which stopped the loop between two steps, with `state` as after the last
     /// completed one), after saving a checkpoint of the steps done since the last one, so that
-    /// no work is lost; the error then names the checkpoint to resume from.
+    /// no work is lost (`extra` writing more files into it); the error then names the checkpoint
+    /// to resume from.
     pub fn stop_with(
         &self,
         policy: &Qwen2,
         optimizer: &AdamW,
         error: anyhow::Error,
+        extra: &dyn Fn(&Path) -> Result<()>,
     ) -> anyhow::Error {
         let step = self.state.global_step;
         if step == 0 || self.save_due() {
             return error;
         }
-        match self.save(policy, optimizer, &|_| Ok(())) {
+        match self.save(policy, optimizer, extra) {
             Ok(dir) => error.context(format!(
                 "stopped after step {step}, saved in {}: remove the cause and resume with \
                  resume_from_checkpoint = true",

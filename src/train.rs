@@ -1,15 +1,21 @@
 //! `grpo train`: the GRPO loop, top to bottom in one place (as nanoGPT's train.py).
 //!
 //! One optimizer step:
-//! 1. take `per_device_train_batch_size` prompts per micro-step, `gradient_accumulation_steps`
-//!    micro-steps, from the epoch's seeded order;
-//! 2. sample `num_generations` completions per prompt (one prefill per prompt, shared KV cache);
-//! 3. score them with the rule rewards and turn rewards into group-normalised advantages;
+//! 1. take `per_device_train_batch_size` prompts per micro-step from the epoch's seeded order;
+//!    a generation samples `steps_per_generation` micro-steps' worth at once (default
+//!    `gradient_accumulation_steps`, one generation per step) and is trained on for
+//!    `num_iterations` passes;
+//! 2. sample `num_generations` completions per prompt (one prefill per prompt, shared KV cache;
+//!    one shard of the rows per CPU worker);
+//! 3. score them with the rewards and turn rewards into group-normalised advantages over the
+//!    whole generation; with `dynamic_sampling`, drop the groups whose rewards all agree and
+//!    sample more prompts in their place (at most `max_resample_rounds` more rounds);
 //! 4. per micro-step, `forward_batch_size` completions at a time (whole groups, or equal slices
 //!    of one group): policy log-probs (grouped forward: one prompt pass for the chunk's
 //!    completions of it, their gradients summed into it), reference log-probs without a graph,
 //!    the GRPO loss normalised by the whole micro-batch, backward, gradients accumulated by
-//!    parameter name, the chunk's graph dropped before the next one;
+//!    parameter name, the chunk's graph dropped before the next one (with several CPU
+//!    workers, each takes one chunk at a time; gradients are summed in the chunks' order);
 //!
 //!    with `use_peft` the trained parameters are LoRA adapters on the frozen base, and the
 //!    reference is that base with the adapters switched off (no second model);
@@ -19,8 +25,8 @@
 //!    with a checkpoint. A rollout that fails (a failed external reward, say) stops the run
 //!    after saving the steps done since the last checkpoint.
 //!
-//! Every random choice derives from (seed, step, micro-step, row), so a resumed run continues
-//! bit for bit as if it had never stopped.
+//! Every random choice derives from (seed, step, micro-step, round, row), so a resumed run
+//! continues bit for bit as if it had never stopped.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,11 +39,12 @@ use tracing::{info, warn};
 
 use crate::checkpoint;
 use crate::config::{Config, MAX_COUNT};
-use crate::data::{Dataset, Example};
+use crate::data::{DataPosition, Dataset, Example};
 use crate::device::Runtime;
 use crate::grpo::{
-    self, Advantages, CompletionBatch, CompletionLengthMetrics, LossInputs, LossMetrics,
-    LossParams, MicroBatchSize, RewardMetrics, StepMetrics,
+    self, Advantages, CompletionBatch, CompletionLengthMetrics, DynamicSamplingMetrics,
+    ImportanceSamplingLevel, LossInputs, LossMetrics, LossParams, LossType, MicroBatchSize,
+    RewardMetrics, StepMetrics,
 };
 use crate::memory::{self, PeakMemory};
 use crate::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
@@ -98,7 +105,8 @@ pub fn train(cfg: &Config) -> Result<()> {
     let mut run = Run::start(cfg, &files, &policy, &mut optimizer, total_steps)?;
     let progress =
         crate::progress::Progress::new(total_steps as u64, run.state.global_step, "train");
-    let sampling_params = SamplingParams::from_config(cfg);
+    let generations = Generations::from_config(cfg);
+    warn_on_token_sums_of_sequence_ratios(cfg);
     info!(
         "training {} on {} prompts: {total_steps} steps of {} prompts x {} completions, {} \
          worker(s)",
@@ -110,11 +118,10 @@ pub fn train(cfg: &Config) -> Result<()> {
     );
 
     // ---- the loop: one iteration per optimizer step -------------------------------------------
-    // A checkpoint saved between two generations (num_iterations > 1) holds the rollouts the
-    // next steps still train on.
-    let mut rollouts: Vec<Rollout> = match &run.resumed_from {
-        Some(dir) if run.state.global_step % cfg.num_iterations as u64 != 0 => {
-            load_rollouts(dir, &device)?
+    // A checkpoint saved inside a generation (one trained on by later micro-steps) holds it.
+    let mut generation: Vec<Rollout> = match &run.resumed_from {
+        Some(dir) if !generations.starts(run.state.global_step, 0) => {
+            load_rollouts(dir, &device, cfg.steps_per_generation())?
         }
         _ => Vec::new(),
     };
@@ -128,82 +135,66 @@ pub fn train(cfg: &Config) -> Result<()> {
         meters.memory.reset();
         let mut times = PhaseTimes::default();
 
-        // 1-3. sample completions, score them, compute advantages (reused for num_iterations
-        // steps, with the sampling-time log-probs as the old policy, as TRL does).
-        if step % cfg.num_iterations as u64 == 0 || rollouts.is_empty() {
-            // Sampling needs no graph: a frozen copy in the compute dtype, cast once per step.
-            let sampler = policy.inference_copy()?;
-            let data_before = run.state.data;
-            let mut generated_tokens = 0;
-            let scoring = Scoring {
-                rewards: &rewards,
-                progress: TrainerProgress {
-                    global_step: step,
-                    max_steps: total_steps as u64,
-                    epoch: run.state.epoch,
-                },
-            };
-            rollouts = (0..cfg.gradient_accumulation_steps)
-                .map(|micro| {
-                    let examples = dataset.next_batch(
-                        cfg.seed,
-                        cfg.per_device_train_batch_size,
-                        &mut run.state.data,
-                    );
-                    let spec = GenerationSpec {
-                        group_size: cfg.num_generations,
-                        max_new_tokens: cfg.max_completion_length,
-                        eos_ids: stop.eos_ids.clone(),
-                        pad_id: stop.pad_id,
-                        params: sampling_params,
-                        seed: derive_seed(cfg.seed, step, micro as u64),
-                    };
-                    let (rollout, rollout_times) = rollout(
-                        &sampler,
-                        &workers,
-                        &prompter,
-                        &scoring,
-                        &examples,
-                        &spec,
-                        cfg,
-                        &meters.stopwatch,
-                    )
-                    .with_context(|| format!("step {}: sampling the rollout", step + 1))?;
-                    times.add(&rollout_times);
-                    generated_tokens += rollout.completions.lengths.iter().sum::<usize>();
-                    Ok(rollout)
-                })
-                .collect::<Result<_>>()
-                .map_err(|error| {
-                    // E.g. a failed external reward: keep the steps done.
-                    run.state.data = data_before;
-                    run.stop_with(&policy, &optimizer, error)
-                })?;
-            times.set_generated_tokens(generated_tokens);
-            meters.memory.sample();
+        // 1-3. the step's micro-batches: slices of the current generation, a new one sampled,
+        // scored and turned into advantages every steps_per_generation × num_iterations
+        // micro-steps (later slices and passes use the sampling-time log-probs as the old
+        // policy, as TRL does).
+        let (data_before, generation_before) = (run.state.data, generation.clone());
+        let mut rollouts = Vec::with_capacity(cfg.gradient_accumulation_steps);
+        let mut generated_tokens = 0;
+        for micro in 0..cfg.gradient_accumulation_steps {
+            if generations.starts(step, micro) || generation.is_empty() {
+                let sampler = Sampler {
+                    // Sampling needs no graph: a frozen copy in the compute dtype, cast once.
+                    model: policy.inference_copy()?,
+                    workers: &workers,
+                    prompter: &prompter,
+                    rewards: &rewards,
+                    progress: TrainerProgress {
+                        global_step: step,
+                        max_steps: total_steps as u64,
+                        epoch: run.state.epoch,
+                    },
+                    stop: &stop,
+                    params: SamplingParams::from_config(cfg),
+                    stopwatch: &meters.stopwatch,
+                    cfg,
+                };
+                let sampled = generate(&sampler, &dataset, &mut run.state.data, step, micro)
+                    .with_context(|| format!("step {}: sampling the rollout", step + 1));
+                let sampled = match sampled {
+                    Ok(sampled) => sampled,
+                    Err(error) => {
+                        // E.g. a failed external reward: keep the steps done.
+                        run.state.data = data_before;
+                        let pending = |dir: &Path| match generations.starts(step, 0) {
+                            true => Ok(()),
+                            false => save_rollouts(dir, &generation_before),
+                        };
+                        return Err(run.stop_with(&policy, &optimizer, error, &pending));
+                    }
+                };
+                times.add(&sampled.times);
+                generated_tokens += sampled.generated_tokens;
+                generation = sampled.rollouts;
+                meters.memory.sample();
+            }
+            rollouts.push(generation[generations.slice(step, micro)].clone());
         }
+        times.set_generated_tokens(generated_tokens);
 
         // 4. loss and gradients, micro-batch by micro-batch, chunk by chunk.
-        let num_items_in_batch: usize = rollouts.iter().map(|r| r.completions.num_items()).sum();
-        let loss_params = LossParams {
-            loss_type: cfg.loss_type,
-            beta: cfg.beta,
-            epsilon_low: cfg.epsilon,
-            epsilon_high: cfg.epsilon_high(),
-            max_completion_length: cfg.max_completion_length,
-            num_items_in_batch,
-            gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-            use_bias_correction_kl: false,
-        };
         let mut grads = Gradients::new();
         let mut loss_value = 0.0;
         let mut micro_metrics = Vec::new();
         let mut entropy = Vec::new();
         for (index, rollout) in rollouts.iter().enumerate() {
-            // LoRA dropout draws its masks from (seed, step, micro-step): resuming redraws them.
-            let training = policy.in_training(dropout_seed(cfg.seed, step, index as u64));
+            let loss_params = LossParams::from_config(cfg, rollout.generation_items);
             let micro = micro_step(
-                &training,
+                &policy,
+                // LoRA dropout draws its masks from (seed, step, micro-step): resuming redraws
+                // them.
+                dropout_seed(cfg.seed, step, index as u64),
                 reference.as_ref(),
                 &rollout.batch,
                 cfg,
@@ -272,7 +263,7 @@ pub fn train(cfg: &Config) -> Result<()> {
                 &format!(
                     "reward {:.3} kl {:.4}",
                     metrics.rewards.reward,
-                    metrics.policy.kl.unwrap_or(0.0)
+                    metrics.policy.kl.map_or(0.0, |kl| kl.value())
                 ),
             );
         }
@@ -280,9 +271,9 @@ pub fn train(cfg: &Config) -> Result<()> {
             write_completions(&output_dir, step, &rollouts)?;
         }
         progress.set(step);
-        let pending = |dir: &Path| match step % cfg.num_iterations as u64 {
-            0 => Ok(()),
-            _ => save_rollouts(dir, &rollouts),
+        let pending = |dir: &Path| match generations.starts(step, 0) {
+            true => Ok(()),
+            false => save_rollouts(dir, &generation),
         };
         if run.save_if_due_with(&policy, &optimizer, &pending)? {
             return Ok(());
@@ -292,7 +283,67 @@ pub fn train(cfg: &Config) -> Result<()> {
     run.finish(&policy)
 }
 
+/// TRL's warning: with sequence-level ratios, the losses that sum over tokens weight each
+/// sequence by its length instead of optimising GSPO's per-sequence objective.
+fn warn_on_token_sums_of_sequence_ratios(cfg: &Config) {
+    let sums_tokens = matches!(
+        cfg.loss_type,
+        LossType::Bnpo | LossType::DrGrpo | LossType::Dapo | LossType::Cispo
+    );
+    if cfg.importance_sampling_level == ImportanceSamplingLevel::Sequence && sums_tokens {
+        warn!(
+            "importance_sampling_level = \"sequence\" with loss_type = {} sums per-token terms, \
+             weighting each sequence by its length; GSPO's setup is loss_type = \"grpo\"",
+            serde_json::json!(cfg.loss_type)
+        );
+    }
+}
+
+/// Where micro-steps fall in the generations, as TRL schedules them: a generation of
+/// `steps_per_generation` micro-batches is sampled every `steps_per_generation ×
+/// num_iterations` micro-steps, and micro-step `s` (counted over the whole run) trains on its
+/// micro-batch `s % steps_per_generation`.
+#[derive(Debug, Clone, Copy)]
+struct Generations {
+    accumulation: u64,
+    steps_per_generation: u64,
+    every: u64,
+}
+
+impl Generations {
+    fn from_config(cfg: &Config) -> Self {
+        let steps_per_generation = cfg.steps_per_generation() as u64;
+        Self {
+            accumulation: cfg.gradient_accumulation_steps as u64,
+            steps_per_generation,
+            every: steps_per_generation * cfg.num_iterations as u64,
+        }
+    }
+
+    fn micro_step(&self, step: u64, micro: usize) -> u64 {
+        step * self.accumulation + micro as u64
+    }
+
+    /// Whether micro-step `micro` of optimizer step `step` starts a new generation.
+    fn starts(&self, step: u64, micro: usize) -> bool {
+        self.micro_step(step, micro) % self.every == 0
+    }
+
+    /// The micro-batch of its generation that micro-step `micro` of `step` trains on.
+    fn slice(&self, step: u64, micro: usize) -> usize {
+        (self.micro_step(step, micro) % self.steps_per_generation) as usize
+    }
+
+    /// Whether some micro-batch is trained on after an optimizer step changed the weights it
+    /// was sampled with, so the loss needs the sampling-time log-probs (TRL's condition: a
+    /// generation's passes do not fit in whole within optimizer steps).
+    fn need_old_logprobs(&self) -> bool {
+        self.accumulation % self.every != 0
+    }
+}
+
 /// One micro-batch of sampled experience: prompts, completions, rewards and advantages.
+#[derive(Clone)]
 struct Rollout {
     examples: Vec<Example>,
     completions: CompletionBatch,
@@ -301,25 +352,26 @@ struct Rollout {
     advantages: Advantages,
     /// What the training forward needs, as tensors.
     batch: TrainBatch,
+    /// Loss-mask tokens of the whole generation this micro-batch was sampled in (TRL's
+    /// `num_items_in_batch`, the dapo and cispo normaliser).
+    generation_items: usize,
+    /// What dynamic sampling did to fill that generation; `None` without it.
+    dynamic_sampling: Option<DynamicSampling>,
 }
 
-impl Rollout {
-    /// Prompt and completion tokens the model saw (TRL's `num_tokens`).
-    fn num_tokens(&self) -> u64 {
-        let prompt: f32 = self
-            .batch
-            .prompt_mask
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|m| m.sum_all())
-            .and_then(|s| s.to_scalar::<f32>())
-            .unwrap_or(0.0);
-        prompt as u64 * self.batch.group_size as u64
-            + self.completions.lengths.iter().sum::<usize>() as u64
-    }
+/// How dynamic sampling filled a generation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+struct DynamicSampling {
+    /// Generation rounds run (the first plus the resampling ones).
+    rounds: usize,
+    /// Groups whose rewards all agree kept because `max_resample_rounds` ran out.
+    filled_groups: usize,
+    /// Fraction of every group sampled (in all rounds) whose rewards all agree.
+    frac_reward_zero_std: f64,
 }
 
-/// Checkpoint files holding the rollouts of a checkpoint saved between two generations
-/// (`num_iterations > 1`): their tensors, and their texts and lengths.
+/// Checkpoint files holding the generation of a checkpoint saved inside one (one that later
+/// micro-steps still train on): its rollouts' tensors, and their texts and lengths.
 const ROLLOUTS_TENSORS: &str = "rollouts.safetensors";
 const ROLLOUTS_JSON: &str = "rollouts.json";
 
@@ -332,6 +384,9 @@ struct SavedRollout {
     lengths: Vec<usize>,
     truncated: Vec<bool>,
     group_size: usize,
+    /// Absent from checkpoints written before dynamic sampling existed.
+    #[serde(default)]
+    dynamic_sampling: Option<DynamicSampling>,
 }
 
 /// Writes `rollouts` into the checkpoint folder `dir`, exactly (tensors as safetensors), so a
@@ -379,6 +434,7 @@ fn save_rollouts(dir: &Path, rollouts: &[Rollout]) -> Result<()> {
             lengths: r.completions.lengths.clone(),
             truncated: r.completions.truncated.clone(),
             group_size: b.group_size,
+            dynamic_sampling: r.dynamic_sampling,
         });
     }
     candle_core::safetensors::save(&tensors, dir.join(ROLLOUTS_TENSORS))
@@ -387,9 +443,10 @@ fn save_rollouts(dir: &Path, rollouts: &[Rollout]) -> Result<()> {
         .context("cannot write the pending rollouts")
 }
 
-/// The rollouts [`save_rollouts`] wrote into checkpoint `dir`, on `device`. A checkpoint
-/// without them (written before they were saved) gets a warning and fresh rollouts.
-fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
+/// The generation [`save_rollouts`] wrote into checkpoint `dir`, on `device`: `micro_batches`
+/// rollouts, else an error naming the setting that changed. A checkpoint without one (written
+/// before they were saved) gets a warning and a fresh generation.
+fn load_rollouts(dir: &Path, device: &Device, micro_batches: usize) -> Result<Vec<Rollout>> {
     let json_path = dir.join(ROLLOUTS_JSON);
     if !json_path.is_file() {
         warn!(
@@ -408,9 +465,17 @@ fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
     let saved: Vec<SavedRollout> =
         serde_json::from_str(&std::fs::read_to_string(&json_path).with_context(bad)?)
             .with_context(bad)?;
+    ensure!(
+        saved.len() == micro_batches,
+        "{} holds a generation of {} micro-batches but steps_per_generation is now \
+         {micro_batches}: resume with the steps_per_generation (or generation_batch_size and \
+         per_device_train_batch_size) it was saved with",
+        json_path.display(),
+        saved.len()
+    );
     let tensors = candle_core::safetensors::load(dir.join(ROLLOUTS_TENSORS), &Device::Cpu)
         .with_context(|| format!("cannot read {}", dir.join(ROLLOUTS_TENSORS).display()))?;
-    saved
+    let mut generation = saved
         .into_iter()
         .enumerate()
         .map(|(i, s)| {
@@ -462,9 +527,16 @@ fn load_rollouts(dir: &Path, device: &Device) -> Result<Vec<Rollout>> {
                     advantages: get("advantage_values")?.to_vec1()?,
                 },
                 batch,
+                generation_items: 0,
+                dynamic_sampling: s.dynamic_sampling,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let generation_items = generation.iter().map(|r| r.completions.num_items()).sum();
+    for rollout in &mut generation {
+        rollout.generation_items = generation_items;
+    }
+    Ok(generation)
 }
 
 /// Prompts with `group_size` completions each, as the training forward takes them: a whole
@@ -480,7 +552,8 @@ struct TrainBatch {
     mask: Tensor,
     /// `[prompts * group_size]`.
     advantages: Tensor,
-    /// Sampling-time log-probs, kept only when `num_iterations > 1`.
+    /// Sampling-time log-probs, kept when the micro-batch is trained on after the weights it
+    /// was sampled with changed ([`Generations::need_old_logprobs`]).
     old_logp: Option<Tensor>,
     group_size: usize,
 }
@@ -556,6 +629,7 @@ struct MicroStep {
 #[allow(clippy::too_many_arguments)]
 fn micro_step(
     policy: &Qwen2,
+    dropout_seed: u64,
     reference: Option<&Qwen2>,
     batch: &TrainBatch,
     cfg: &Config,
@@ -571,21 +645,40 @@ fn micro_step(
         batch.group_size,
         workers.count(),
     );
+    let chunks = batch.chunks(size)?;
+    // LoRA dropout: each chunk draws its masks from a seed of its own, whichever worker runs it.
+    let training = |chunk: usize| policy.in_training(derive_seed(dropout_seed, chunk as u64, 0));
     let mut loss_value = 0.0;
     let mut metrics = Vec::new();
-    let mut entropy = Vec::new();
+    let mut entropy = grpo::Mean::default();
     let mut times = PhaseTimes::default();
-    let chunks = batch.chunks(size)?;
-    for wave in chunks.chunks(workers.count()) {
+    // top_entropy_quantile keeps the micro-batch's highest-entropy tokens: in chunks, a first
+    // pass without backward finds the whole micro-batch's threshold.
+    let top_entropy = match cfg.top_entropy_quantile < 1.0 {
+        false => TopEntropy::AllTokens,
+        true if chunks.len() == 1 => TopEntropy::ChunkThreshold,
+        true => {
+            let (threshold, time) = meters
+                .stopwatch
+                .time(|| micro_batch_entropy_threshold(&training, &chunks, cfg, workers))?;
+            times.policy += time;
+            TopEntropy::Threshold(threshold)
+        }
+    };
+    let indexed: Vec<(usize, &TrainBatch)> = chunks.iter().enumerate().collect();
+    for wave in indexed.chunks(workers.count()) {
         let (done, seconds) = meters.stopwatch.time(|| {
-            workers.map(wave.iter().collect(), |chunk| {
+            workers.map(wave.to_vec(), |(index, chunk)| {
                 chunk_step(
-                    policy,
+                    &training(index),
                     reference,
                     chunk,
                     cfg,
-                    loss_params,
-                    micro_batch,
+                    ChunkLoss {
+                        params: loss_params,
+                        micro_batch,
+                        top_entropy,
+                    },
                     meters,
                 )
             })
@@ -600,13 +693,13 @@ fn micro_step(
             grads.accumulate(policy.named_parameters(), &chunk.grads)?;
             loss_value += chunk.loss;
             metrics.push(chunk.metrics);
-            entropy.extend(chunk.entropy);
+            entropy = entropy + chunk.entropy;
         }
     }
     Ok(MicroStep {
         loss: loss_value,
         metrics: LossMetrics::of_chunks(&metrics),
-        entropy: grpo::combine_masked_means(entropy.into_iter()),
+        entropy: entropy.value(),
         times,
     })
 }
@@ -624,11 +717,31 @@ fn chunk_size(forward_batch_size: usize, rows: usize, group: usize, workers: usi
         .unwrap_or(group)
 }
 
+/// Which tokens the policy term of a chunk's loss keeps (`top_entropy_quantile`).
+#[derive(Debug, Clone, Copy)]
+enum TopEntropy {
+    /// Every completion token (`top_entropy_quantile = 1`).
+    AllTokens,
+    /// Those at or above the chunk's own threshold: the chunk is the whole micro-batch.
+    ChunkThreshold,
+    /// Those at or above the micro-batch's threshold, found before the chunks' passes.
+    Threshold(Option<f32>),
+}
+
+/// How a chunk's loss is made: the loss parameters, the micro-batch it is normalised by and
+/// the tokens its policy term keeps.
+#[derive(Clone, Copy)]
+struct ChunkLoss<'a> {
+    params: &'a LossParams,
+    micro_batch: MicroBatchSize,
+    top_entropy: TopEntropy,
+}
+
 /// One chunk's loss and gradients, and the seconds its policy and reference passes took.
 struct ChunkStep {
     loss: f64,
-    metrics: (LossMetrics, f64),
-    entropy: Option<(f64, f64)>,
+    metrics: LossMetrics,
+    entropy: grpo::Mean,
     grads: GradStore,
     policy_seconds: f64,
     reference_seconds: f64,
@@ -640,13 +753,27 @@ fn chunk_step(
     reference: Option<&Qwen2>,
     chunk: &TrainBatch,
     cfg: &Config,
-    loss_params: &LossParams,
-    micro_batch: MicroBatchSize,
+    how: ChunkLoss,
     meters: &Meters,
 ) -> Result<ChunkStep> {
     let (policy_logps, forward_time) = meters
         .stopwatch
         .time(|| grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true))?;
+    let chunk_entropy = policy_logps
+        .entropy
+        .as_ref()
+        .context("the policy forward returns entropies")?;
+    let threshold = match how.top_entropy {
+        TopEntropy::AllTokens => None,
+        TopEntropy::ChunkThreshold => Some(grpo::entropy_threshold(
+            &[(chunk_entropy, &chunk.mask)],
+            cfg.top_entropy_quantile,
+        )?),
+        TopEntropy::Threshold(threshold) => Some(threshold),
+    };
+    let entropy_mask = threshold
+        .map(|threshold| grpo::high_entropy_mask(chunk_entropy, &chunk.mask, threshold))
+        .transpose()?;
     let (ref_logps, reference_seconds) = meters.stopwatch.time(|| {
         reference
             .map(|model| {
@@ -667,58 +794,229 @@ fn chunk_step(
             ref_logp: ref_logps.as_ref(),
             advantages: &chunk.advantages,
             mask: &chunk.mask,
+            entropy_mask: entropy_mask.as_ref(),
         },
-        loss_params,
-        micro_batch,
+        how.params,
+        how.micro_batch,
     )?;
     let ((chunk_loss, grads), backward_time) = meters.stopwatch.time(|| -> Result<_> {
         Ok((loss.loss.to_scalar::<f32>()? as f64, loss.loss.backward()?))
     })?;
     meters.memory.sample();
-    let tokens = MicroBatchSize::of(&chunk.mask)?.tokens;
-    let entropy = match &policy_logps.entropy {
-        Some(e) => Some((grpo::masked_mean(e, &chunk.mask)?, tokens)),
-        None => None,
-    };
     Ok(ChunkStep {
         loss: chunk_loss,
-        metrics: (loss.metrics, tokens),
-        entropy,
+        metrics: loss.metrics,
+        entropy: grpo::Mean::masked(chunk_entropy, &chunk.mask)?,
         grads,
         policy_seconds: forward_time + backward_time,
         reference_seconds,
     })
 }
 
-/// The reward functions, and where training stands when they are called.
-struct Scoring<'a> {
-    rewards: &'a RewardSet,
-    progress: TrainerProgress,
+/// The `top_entropy_quantile` threshold of a micro-batch fed in `chunks`: their entropies
+/// under `training(chunk index)` (the policy chunk `i` is trained with), from forward passes
+/// whose graphs are dropped at once.
+fn micro_batch_entropy_threshold(
+    training: &(dyn Fn(usize) -> Qwen2 + Sync),
+    chunks: &[TrainBatch],
+    cfg: &Config,
+    workers: &Workers,
+) -> Result<Option<f32>> {
+    let entropies = workers.map(chunks.iter().enumerate().collect(), |(index, chunk)| {
+        let policy = training(index);
+        grouped_completion_logprobs(&policy, &chunk.grouped(), cfg.temperature, true)?
+            .entropy
+            .context("the policy forward returns entropies")
+    })?;
+    let parts: Vec<(&Tensor, &Tensor)> = entropies
+        .iter()
+        .zip(chunks)
+        .map(|(entropy, chunk)| (entropy, &chunk.mask))
+        .collect();
+    grpo::entropy_threshold(&parts, cfg.top_entropy_quantile)
 }
 
-/// Samples (one shard per worker), decodes and scores one micro-batch; times its generation
-/// and rewards.
-#[allow(clippy::too_many_arguments)]
-fn rollout(
-    sampler: &Qwen2,
-    workers: &Workers,
-    prompter: &Prompter,
-    scoring: &Scoring,
+/// What sampling a generation needs: a frozen copy of the policy and the pieces that turn
+/// prompts into scored completions.
+struct Sampler<'a> {
+    model: Qwen2,
+    /// Sampling runs one shard of the rows per worker.
+    workers: &'a Workers,
+    prompter: &'a Prompter,
+    rewards: &'a RewardSet,
+    /// Where training stands, for the reward functions.
+    progress: TrainerProgress,
+    stop: &'a StopTokens,
+    params: SamplingParams,
+    stopwatch: &'a Stopwatch,
+    cfg: &'a Config,
+}
+
+/// One prompt with its `num_generations` sampled completions and their rewards.
+struct SampledGroup {
+    example: Example,
+    prompt_ids: Vec<u32>,
+    /// Each completion's sampled ids (as long as it was sampled).
+    completions: Vec<Vec<u32>>,
+    texts: Vec<String>,
+    rewards_per_func: Vec<Vec<f64>>,
+    /// The weighted rewards.
+    rewards: Vec<f32>,
+}
+
+/// A sampled generation with the time it took.
+struct SampledGeneration {
+    /// `steps_per_generation` micro-batches.
+    rollouts: Vec<Rollout>,
+    times: PhaseTimes,
+    /// Completion tokens sampled, those of dropped groups included.
+    generated_tokens: usize,
+}
+
+/// Samples the generation that starts at micro-step `micro` of optimizer step `step`:
+/// `steps_per_generation` micro-batches of `per_device_train_batch_size` prompts from the data
+/// order (`data` advances), their completions scored, advantages computed over the whole
+/// generation as TRL does.
+///
+/// With `dynamic_sampling` (DAPO), groups whose rewards all agree are dropped and further rounds
+/// sample the missing groups' worth of prompts, a micro-batch of prompts at a time, until the
+/// generation is full (surplus groups of the last round are left out) or `max_resample_rounds`
+/// extra rounds have run; then the first dropped groups fill the generation up (they have zero
+/// advantages, so only the KL term sees them) and a warning says so.
+fn generate(
+    sampler: &Sampler,
+    dataset: &Dataset,
+    data: &mut DataPosition,
+    step: u64,
+    micro: usize,
+) -> Result<SampledGeneration> {
+    let cfg = sampler.cfg;
+    let prompts_per_batch = cfg.per_device_train_batch_size;
+    let wanted = cfg.steps_per_generation() * prompts_per_batch;
+    let mut times = PhaseTimes::default();
+    let mut generated_tokens = 0;
+    let (mut kept, mut dropped) = (Vec::with_capacity(wanted), Vec::new());
+    let mut round = 0;
+    loop {
+        let batches = match round {
+            0 => cfg.steps_per_generation(),
+            _ => (wanted - kept.len()).div_ceil(prompts_per_batch),
+        };
+        for batch in 0..batches {
+            // Round 0 seeds micro-batch k as micro-step micro + k; later rounds get their own.
+            let seed = match round {
+                0 => derive_seed(cfg.seed, step, (micro + batch) as u64),
+                _ => derive_seed(
+                    derive_seed(cfg.seed, step, micro as u64),
+                    round as u64,
+                    batch as u64,
+                ),
+            };
+            let examples = dataset.next_batch(cfg.seed, prompts_per_batch, data);
+            let (sampled, batch_times) = sample_groups(sampler, &examples, seed)?;
+            times.add(&batch_times);
+            for group in sampled {
+                generated_tokens += group.completions.iter().map(Vec::len).sum::<usize>();
+                match cfg.dynamic_sampling && grpo::rewards_agree(&group.rewards) {
+                    true => dropped.push(group),
+                    false => kept.push(group),
+                }
+            }
+        }
+        if kept.len() >= wanted || round == cfg.max_resample_rounds {
+            break;
+        }
+        round += 1;
+    }
+    let sampled_groups = kept.len() + dropped.len();
+    let frac_reward_zero_std = dropped.len() as f64 / sampled_groups as f64;
+    let filled_groups = wanted.saturating_sub(kept.len());
+    if filled_groups > 0 {
+        warn!(
+            "step {}: dynamic sampling found {} of {wanted} groups whose rewards differ in {} \
+             rounds (max_resample_rounds = {}); {filled_groups} groups whose rewards all agree \
+             fill the batch",
+            step + 1,
+            kept.len(),
+            round + 1,
+            cfg.max_resample_rounds
+        );
+        kept.extend(dropped.drain(..filled_groups));
+    }
+    kept.truncate(wanted);
+    let dynamic_sampling = cfg.dynamic_sampling.then_some(DynamicSampling {
+        rounds: round + 1,
+        filled_groups,
+        frac_reward_zero_std,
+    });
+
+    let scoring_started = Instant::now();
+    let rewards: Vec<f32> = kept
+        .iter()
+        .flat_map(|g| g.rewards.iter().copied())
+        .collect();
+    let advantages = grpo::group_advantages(&rewards, cfg.num_generations, cfg.scale_rewards)?;
+    let rows_per_batch = prompts_per_batch * cfg.num_generations;
+    let mut rollouts = kept
+        .chunks(prompts_per_batch)
+        .enumerate()
+        .map(|(k, groups)| {
+            let advantages = advantages.rows(k * rows_per_batch, rows_per_batch);
+            Rollout::from_groups(groups, advantages, sampler, dynamic_sampling)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let generation_items = rollouts.iter().map(|r| r.completions.num_items()).sum();
+    times.rewards += scoring_started.elapsed().as_secs_f64();
+    let need_old_logprobs = Generations::from_config(cfg).need_old_logprobs();
+    for rollout in &mut rollouts {
+        rollout.generation_items = generation_items;
+        if need_old_logprobs {
+            let (logps, old_logp_time) = sampler.stopwatch.time(|| {
+                grouped_completion_logprobs(
+                    &sampler.model,
+                    &rollout.batch.grouped(),
+                    cfg.temperature,
+                    false,
+                )
+            })?;
+            times.generation += old_logp_time;
+            rollout.batch.old_logp = Some(logps.logprobs.detach());
+        }
+    }
+    Ok(SampledGeneration {
+        rollouts,
+        times,
+        generated_tokens,
+    })
+}
+
+/// Samples, decodes and scores the completions of `examples` (`num_generations` each, seeded
+/// by `seed`); times their generation and rewards.
+fn sample_groups(
+    sampler: &Sampler,
     examples: &[Example],
-    spec: &GenerationSpec,
-    cfg: &Config,
-    stopwatch: &Stopwatch,
-) -> Result<(Rollout, PhaseTimes)> {
-    let device = sampler.lm_head_weight().device();
+    seed: u64,
+) -> Result<(Vec<SampledGroup>, PhaseTimes)> {
+    let cfg = sampler.cfg;
+    let rewards = sampler.rewards;
+    let spec = GenerationSpec {
+        group_size: cfg.num_generations,
+        max_new_tokens: cfg.max_completion_length,
+        eos_ids: sampler.stop.eos_ids.clone(),
+        pad_id: sampler.stop.pad_id,
+        params: sampler.params,
+        seed,
+    };
     let mut times = PhaseTimes::default();
     let prompts: Vec<Vec<u32>> = examples
         .iter()
-        .map(|e| prompter.prompt_ids(&e.question))
+        .map(|e| sampler.prompter.prompt_ids(&e.question))
         .collect::<Result<_>>()?;
-    let (sampled, generation_time) =
-        stopwatch.time(|| sampling::generate_on(workers, sampler, &prompts, spec))?;
+    let (sampled, generation_time) = sampler
+        .stopwatch
+        .time(|| sampling::generate_on(sampler.workers, &sampler.model, &prompts, &spec))?;
     times.generation = generation_time;
-    let scoring_started = std::time::Instant::now();
+    let scoring_started = Instant::now();
     let rows: Vec<Vec<u32>> = sampled
         .ids
         .iter()
@@ -731,14 +1029,14 @@ fn rollout(
         spec.pad_id,
         cfg.mask_truncated_completions,
     )?;
-    let tokenizer = prompter.tokenizer();
+    let tokenizer = sampler.prompter.tokenizer();
     let texts: Vec<String> = rows
         .iter()
         .map(|ids| tokenizer.decode(ids, true))
         .collect::<Result<_>>()?;
     let messages: Vec<_> = examples
         .iter()
-        .map(|e| prompter.messages(&e.question))
+        .map(|e| sampler.prompter.messages(&e.question))
         .collect();
     let scored: Vec<Completion> = (0..rows.len())
         .map(|row| {
@@ -755,38 +1053,92 @@ fn rollout(
             }
         })
         .collect();
-    let rewards = scoring.rewards;
-    let rewards_per_func = rewards.score(&scored, Some(&scoring.progress))?;
+    let rewards_per_func = rewards.score(&scored, Some(&sampler.progress))?;
     let weighted = grpo::weighted_rewards(&rewards_per_func, rewards.weights())?;
-    let advantages = grpo::group_advantages(&weighted, spec.group_size, cfg.scale_rewards)?;
     times.rewards = scoring_started.elapsed().as_secs_f64();
-    let padded = left_pad(&prompts, spec.pad_id);
-    let (num_prompts, prompt_len) = (prompts.len(), padded.width());
-    let mut batch = TrainBatch {
-        prompt_ids: Tensor::from_vec(padded.ids.concat(), (num_prompts, prompt_len), device)?,
-        prompt_mask: Tensor::from_vec(padded.mask.concat(), (num_prompts, prompt_len), device)?,
-        completion_ids: completions.ids_tensor(device)?,
-        mask: completions.mask_tensor(device)?,
-        advantages: Tensor::new(advantages.advantages.as_slice(), device)?,
-        old_logp: None,
-        group_size: spec.group_size,
-    };
-    if cfg.num_iterations > 1 {
-        let (logps, old_logp_time) = stopwatch.time(|| {
-            grouped_completion_logprobs(sampler, &batch.grouped(), cfg.temperature, false)
-        })?;
-        times.generation += old_logp_time;
-        batch.old_logp = Some(logps.logprobs.detach());
+    let g = spec.group_size;
+    let groups = examples
+        .iter()
+        .zip(prompts)
+        .enumerate()
+        .map(|(p, (example, prompt_ids))| {
+            let group = p * g..(p + 1) * g;
+            SampledGroup {
+                example: example.clone(),
+                prompt_ids,
+                completions: rows[group.clone()].to_vec(),
+                texts: texts[group.clone()].to_vec(),
+                rewards_per_func: rewards_per_func[group.clone()].to_vec(),
+                rewards: weighted[group].to_vec(),
+            }
+        })
+        .collect();
+    Ok((groups, times))
+}
+
+impl Rollout {
+    /// A micro-batch of `groups` (possibly sampled in different rounds) with their `advantages`:
+    /// completion masks, and prompts and completions padded into the training tensors.
+    fn from_groups(
+        groups: &[SampledGroup],
+        advantages: Advantages,
+        sampler: &Sampler,
+        dynamic_sampling: Option<DynamicSampling>,
+    ) -> Result<Self> {
+        let device = sampler.model.lm_head_weight().device();
+        let pad_id = sampler.stop.pad_id;
+        let rows: Vec<Vec<u32>> = groups
+            .iter()
+            .flat_map(|g| g.completions.iter().cloned())
+            .collect();
+        let completions = CompletionBatch::new(
+            &rows,
+            &sampler.stop.eos_ids,
+            pad_id,
+            sampler.cfg.mask_truncated_completions,
+        )?;
+        let prompts: Vec<Vec<u32>> = groups.iter().map(|g| g.prompt_ids.clone()).collect();
+        let padded = left_pad(&prompts, pad_id);
+        let (num_prompts, prompt_len) = (prompts.len(), padded.width());
+        let batch = TrainBatch {
+            prompt_ids: Tensor::from_vec(padded.ids.concat(), (num_prompts, prompt_len), device)?,
+            prompt_mask: Tensor::from_vec(padded.mask.concat(), (num_prompts, prompt_len), device)?,
+            completion_ids: completions.ids_tensor(device)?,
+            mask: completions.mask_tensor(device)?,
+            advantages: Tensor::new(advantages.advantages.as_slice(), device)?,
+            old_logp: None,
+            group_size: sampler.cfg.num_generations,
+        };
+        Ok(Rollout {
+            examples: groups.iter().map(|g| g.example.clone()).collect(),
+            completions,
+            texts: groups
+                .iter()
+                .flat_map(|g| g.texts.iter().cloned())
+                .collect(),
+            rewards_per_func: groups
+                .iter()
+                .flat_map(|g| g.rewards_per_func.iter().cloned())
+                .collect(),
+            advantages,
+            batch,
+            generation_items: 0,
+            dynamic_sampling,
+        })
     }
-    let rollout = Rollout {
-        examples: examples.to_vec(),
-        completions,
-        texts,
-        rewards_per_func,
-        advantages,
-        batch,
-    };
-    Ok((rollout, times))
+
+    /// Prompt and completion tokens the model saw (TRL's `num_tokens`).
+    fn num_tokens(&self) -> u64 {
+        let prompt: f32 = self
+            .batch
+            .prompt_mask
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|m| m.sum_all())
+            .and_then(|s| s.to_scalar::<f32>())
+            .unwrap_or(0.0);
+        prompt as u64 * self.batch.group_size as u64
+            + self.completions.lengths.iter().sum::<usize>() as u64
+    }
 }
 
 /// Optimizer updates of the run, as the HF Trainer computes them: `max_steps` when positive,
@@ -868,26 +1220,27 @@ fn step_metrics(
             .flat_map(|r| r.completions.truncated.iter().copied())
             .collect(),
     };
-    let mean = |values: &mut dyn Iterator<Item = f64>| {
-        let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-        sum / n.max(1) as f64
-    };
-    let policy = LossMetrics {
-        kl: if micro.iter().all(|m| m.kl.is_some()) {
-            Some(mean(&mut micro.iter().filter_map(|m| m.kl)))
-        } else {
-            None
-        },
-        clip_ratio_low_mean: mean(&mut micro.iter().map(|m| m.clip_ratio_low_mean)),
-        clip_ratio_high_mean: mean(&mut micro.iter().map(|m| m.clip_ratio_high_mean)),
-        clip_ratio_region_mean: mean(&mut micro.iter().map(|m| m.clip_ratio_region_mean)),
-    };
+    let mean = |values: &mut dyn Iterator<Item = f64>| grpo::Mean::of_values(values).value();
+    let mut reward_metrics = RewardMetrics::new(rewards.names(), &rewards_per_func, &advantages)?;
+    // With dynamic sampling the batch holds (nearly) no zero-std groups: frac_reward_zero_std
+    // counts those of every group sampled, dropped ones included.
+    let dynamic: Option<Vec<DynamicSampling>> =
+        rollouts.iter().map(|r| r.dynamic_sampling).collect();
+    let dynamic_sampling = dynamic.map(|stats| {
+        reward_metrics.frac_reward_zero_std =
+            mean(&mut stats.iter().map(|s| s.frac_reward_zero_std));
+        DynamicSamplingMetrics {
+            generation_rounds: mean(&mut stats.iter().map(|s| s.rounds as f64)),
+            filled_groups: mean(&mut stats.iter().map(|s| s.filled_groups as f64)),
+        }
+    });
     Ok(StepMetrics {
         loss: totals.loss,
         grad_norm: totals.grad_norm,
         learning_rate: totals.lr,
-        rewards: RewardMetrics::new(rewards.names(), &rewards_per_func, &advantages)?,
-        policy,
+        rewards: reward_metrics,
+        dynamic_sampling,
+        policy: LossMetrics::mean_of(micro),
         completions: CompletionLengthMetrics::new(&all),
         entropy: mean(&mut entropy.iter().copied()),
         num_tokens: totals.num_tokens,

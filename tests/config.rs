@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use grpo::config::{Config, DeviceChoice, LrSchedulerType, ResumeFrom};
-use grpo::grpo::{LossType, ScaleRewards};
+use grpo::grpo::{ImportanceSamplingLevel, LossType, ScaleRewards};
 use grpo::rewards;
 
 fn recipe(name: &str) -> PathBuf {
@@ -642,6 +642,146 @@ fn epsilon_high_defaults_to_epsilon() {
     );
 }
 
+/// TRL 1.16's loss variants and generation options, and ours (dynamic sampling): their
+/// defaults, values, and every combination refused with the field, the value and the fix.
+#[test]
+fn loss_variants_and_generation_options() {
+    let c = Config::default();
+    assert_eq!(c.importance_sampling_level, ImportanceSamplingLevel::Token);
+    assert_eq!(c.delta, None);
+    assert_eq!(
+        (c.sapo_temperature_pos, c.sapo_temperature_neg),
+        (1.0, 1.05)
+    );
+    assert_eq!(c.top_entropy_quantile, 1.0);
+    assert_eq!(
+        (c.steps_per_generation, c.generation_batch_size),
+        (None, None)
+    );
+    assert!(!c.dynamic_sampling);
+    assert_eq!(c.max_resample_rounds, 10);
+
+    let c = load_overrides(&[
+        "importance_sampling_level=sequence",
+        "loss_type=sapo",
+        "sapo_temperature_pos=0.5",
+        "top_entropy_quantile=0.2",
+        "dynamic_sampling=true",
+        "max_resample_rounds=3",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.importance_sampling_level,
+        ImportanceSamplingLevel::Sequence
+    );
+    assert_eq!(c.loss_type, LossType::Sapo);
+    assert_eq!(c.sapo_temperature_pos, 0.5);
+    assert_eq!(c.top_entropy_quantile, 0.2);
+    assert!(c.dynamic_sampling);
+    assert_eq!(c.max_resample_rounds, 3);
+    let c = load_overrides(&["loss_type=cispo", "epsilon_high=5.0"]).unwrap();
+    assert_eq!(c.loss_type, LossType::Cispo);
+    let c = load_overrides(&["delta=4.0"]).unwrap();
+    assert_eq!(c.delta, Some(4.0));
+
+    // steps_per_generation as TRL resolves it: given, from generation_batch_size (completions,
+    // here over micro-steps of 2 prompts x 4 completions), or gradient_accumulation_steps.
+    let base = ["per_device_train_batch_size=2", "num_generations=4"];
+    let resolved = |extra: &[&str]| {
+        load_overrides(&[&base[..], extra].concat())
+            .unwrap()
+            .steps_per_generation()
+    };
+    assert_eq!(resolved(&["gradient_accumulation_steps=3"]), 3);
+    assert_eq!(resolved(&["steps_per_generation=5"]), 5);
+    assert_eq!(resolved(&["generation_batch_size=24"]), 3);
+
+    for (sets, parts) in [
+        (
+            &["steps_per_generation=2", "generation_batch_size=16"][..],
+            &["generation_batch_size", "steps_per_generation", "only one"][..],
+        ),
+        (
+            &["generation_batch_size=12", "num_generations=8"],
+            &[
+                "generation_batch_size",
+                "12",
+                "multiple of num_generations = 8",
+            ],
+        ),
+        (
+            &[
+                "generation_batch_size=12",
+                "num_generations=4",
+                "per_device_train_batch_size=2",
+            ],
+            &[
+                "generation_batch_size",
+                "12",
+                "per_device_train_batch_size × num_generations = 8",
+            ],
+        ),
+        (
+            &["generation_batch_size=0"],
+            &["generation_batch_size", "0", "[1, 2147483647]"],
+        ),
+        (
+            &["steps_per_generation=0"],
+            &["steps_per_generation", "0", "[1, 2147483647]"],
+        ),
+        (
+            &["max_resample_rounds=0"],
+            &["max_resample_rounds", "0", "[1, 2147483647]"],
+        ),
+        (
+            &["delta=1.1"],
+            &["delta", "1.1", "above 1 + epsilon_high = 1.2"],
+        ),
+        (
+            &["delta=1.25", "epsilon_high=0.28"],
+            &["delta", "1.25", "above 1 + epsilon_high = 1.28"],
+        ),
+        (
+            &["delta=4.0", "loss_type=sapo"],
+            &["delta", "sapo", "clipped losses"],
+        ),
+        (
+            &["loss_type=cispo"],
+            &["epsilon_high", "cispo", "5.0", "set it"],
+        ),
+        (
+            &["loss_type=cispo", "epsilon_high=0.0"],
+            &["epsilon_high", "cispo", "> 0"],
+        ),
+        (
+            &["sapo_temperature_neg=0.0"],
+            &["sapo_temperature_neg", "0", "> 0"],
+        ),
+        (
+            &["sapo_temperature_pos=inf"],
+            &["sapo_temperature_pos", "inf"],
+        ),
+        (
+            &["top_entropy_quantile=1.5"],
+            &["top_entropy_quantile", "1.5", "[0, 1]"],
+        ),
+        (
+            &["top_entropy_quantile=-0.1"],
+            &["top_entropy_quantile", "-0.1", "[0, 1]"],
+        ),
+        (
+            &["importance_sampling_level=sentence"],
+            &["importance_sampling_level", "sentence", "token", "sequence"],
+        ),
+        (
+            &["loss_type=luspo"],
+            &["loss_type", "luspo", "cispo", "sapo"],
+        ),
+    ] {
+        assert_mentions(&error_of(load_overrides(sets)), parts);
+    }
+}
+
 fn assert_round_trips(config: &Config) {
     let text = config.to_toml().unwrap();
     let back = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
@@ -671,9 +811,15 @@ fn to_toml_round_trips() {
         "lora_target_modules=\"all-linear\"",
         "lora_modules_to_save=[]",
         "adapter_name_or_path=runs/adapter",
+        "delta=1.5",
+        "steps_per_generation=3",
+        "importance_sampling_level=sequence",
+        "top_entropy_quantile=0.2",
+        "dynamic_sampling=true",
     ])
     .unwrap();
     assert_round_trips(&every_option_set);
+    assert_round_trips(&load_overrides(&["generation_batch_size=64"]).unwrap());
     assert_round_trips(&load_overrides(&["resume_from_checkpoint=runs/checkpoint-7"]).unwrap());
 }
 
@@ -709,6 +855,8 @@ fn to_toml_lists_every_field() {
         "use_peft=true",
         "lora_modules_to_save=[]",
         "adapter_name_or_path=runs/adapter",
+        "delta=1.5",
+        "steps_per_generation=2",
     ])
     .unwrap();
     for config in [Config::default(), every_option_set] {

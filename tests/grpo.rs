@@ -7,9 +7,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use grpo::grpo::{
-    chunk_grpo_loss, group_advantages, grpo_loss, masked_mean, weighted_rewards, CompletionBatch,
-    CompletionLengthMetrics, GrpoLoss, LossInputs, LossMetrics, LossParams, LossType,
-    MicroBatchSize, RewardMetrics, ScaleRewards, StepMetrics,
+    chunk_grpo_loss, group_advantages, grpo_loss, masked_mean, rewards_agree, weighted_rewards,
+    CompletionBatch, CompletionLengthMetrics, DynamicSamplingMetrics, GrpoLoss,
+    ImportanceSamplingLevel, LossInputs, LossMetrics, LossParams, LossType, MicroBatchSize,
+    RewardMetrics, ScaleRewards, StepMetrics,
 };
 use serde_json::Value;
 
@@ -108,7 +109,12 @@ impl Golden {
             max_completion_length: self.case["max_completion_length"].as_u64().unwrap() as usize,
             num_items_in_batch: num_items,
             gradient_accumulation_steps: 1,
+            steps_per_generation: 1,
             use_bias_correction_kl: false,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            delta: None,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
         }
     }
 
@@ -123,6 +129,7 @@ impl Golden {
             ref_logp: Some(self.tensor("grpo.ref_logps")),
             advantages: self.tensor("grpo.advantages"),
             mask: &mask,
+            entropy_mask: None,
         };
         let loss = grpo_loss(&inputs, params).unwrap();
         (logp, loss)
@@ -425,6 +432,34 @@ fn single_generation_groups_have_zero_advantage() {
     assert_eq!(adv.frac_reward_zero_std(), 1.0);
 }
 
+/// Dynamic sampling drops exactly the groups `frac_reward_zero_std` counts; a generation's
+/// advantages split into micro-batches by rows.
+#[test]
+fn groups_whose_rewards_agree_are_the_zero_std_ones() {
+    assert!(rewards_agree(&[1.0, 1.0, 1.0]));
+    assert!(!rewards_agree(&[1.0, 1.0, 1.5]));
+    assert!(
+        !rewards_agree(&[0.0, 1e-6]),
+        "a tiny difference is still a signal"
+    );
+    assert!(rewards_agree(&[0.3]), "one completion has no std");
+    assert!(
+        rewards_agree(&[f32::NAN, 2.0, f32::NAN]),
+        "one rewarded completion: zero advantages"
+    );
+    assert!(!rewards_agree(&[f32::NAN, 2.0, 1.0]));
+    let rewards = [1.0f32, 1.0, 0.0, 2.0, 0.5, 0.5];
+    let adv = group_advantages(&rewards, 2, ScaleRewards::Group).unwrap();
+    let agree = rewards.chunks(2).filter(|g| rewards_agree(g)).count();
+    assert_eq!(agree, 2);
+    assert_eq!(adv.frac_reward_zero_std(), agree as f64 / 3.0);
+    let middle = adv.rows(2, 2);
+    assert_eq!(middle.rewards, [0.0, 2.0]);
+    assert_eq!(middle.group_mean, [1.0, 1.0]);
+    assert_eq!(middle.std, adv.std[2..4]);
+    assert_eq!(middle.advantages, adv.advantages[2..4]);
+}
+
 #[test]
 fn advantage_and_reward_errors_name_the_problem() {
     let err = group_advantages(&[1.0, 2.0, 3.0], 2, ScaleRewards::Group).unwrap_err();
@@ -596,7 +631,7 @@ fn golden_per_token_terms_and_losses() {
         );
 
         let metrics = &golden.case["metrics_per_loss_type"][label];
-        let kl = loss.metrics.kl.expect("kl metric");
+        let kl = loss.metrics.kl.expect("kl metric").value();
         assert_close(
             kl,
             metrics["kl"].as_f64().unwrap(),
@@ -612,6 +647,7 @@ fn golden_per_token_terms_and_losses() {
                 "clip_ratio/region_mean",
             ),
         ] {
+            let actual = actual.expect("clip metric").value();
             assert_close(actual, metrics[key].as_f64().unwrap(), 0.0, 1e-12, key);
         }
     }
@@ -634,7 +670,11 @@ fn analytic_gradient(golden: &Golden, params: &LossParams) -> Vec<Vec<f64>> {
                 LossType::Grpo => length.max(1.0) * batch * accumulation,
                 LossType::Bnpo => total.max(1.0) * accumulation,
                 LossType::DrGrpo => batch * params.max_completion_length as f64 * accumulation,
-                LossType::Dapo => params.num_items_in_batch.max(1) as f64,
+                LossType::Dapo => {
+                    params.num_items_in_batch.max(1) as f64 * accumulation
+                        / params.steps_per_generation as f64
+                }
+                other => panic!("{other:?} has no analytic form here"),
             };
             (0..mask[b].len())
                 .map(|t| {
@@ -682,8 +722,10 @@ fn gradient_wrt_logp_matches_the_analytic_form() {
 fn gradient_accumulation_scales_all_but_dapo() {
     let golden = Golden::load();
     for (loss_type, label) in LOSS_TYPES {
+        // One generation per optimizer step (TRL's default steps_per_generation).
         let params = LossParams {
             gradient_accumulation_steps: 4,
+            steps_per_generation: 4,
             ..golden.params(loss_type)
         };
         let (_, single) = golden.loss(&golden.params(loss_type));
@@ -749,6 +791,7 @@ fn chunked_losses_sum_to_the_micro_batch_loss() {
     for (loss_type, label) in LOSS_TYPES {
         let params = LossParams {
             gradient_accumulation_steps: 2,
+            steps_per_generation: 2,
             ..golden.params(loss_type)
         };
         let loss_of_rows = |start: usize, len: usize| {
@@ -759,23 +802,24 @@ fn chunked_losses_sum_to_the_micro_batch_loss() {
                 ref_logp: Some(&rows_of(reference)),
                 advantages: &rows_of(advantages),
                 mask: &rows_of(&mask),
+                entropy_mask: None,
             };
             let loss = chunk_grpo_loss(&inputs, &params, micro_batch).unwrap();
-            let tokens = MicroBatchSize::of(&rows_of(&mask)).unwrap().tokens;
             let grad = vec2(loss.loss.backward().unwrap().get(logp.as_tensor()).unwrap());
             (
                 f64::from(loss.loss.to_scalar::<f32>().unwrap()),
                 grad,
-                (loss.metrics, tokens),
+                loss.metrics,
             )
         };
-        let (whole_loss, whole_grad, (whole_metrics, _)) = loss_of_rows(0, rows);
+        let (whole_loss, whole_grad, whole_metrics) = loss_of_rows(0, rows);
         let inputs = LossInputs {
             logp: logp.as_tensor(),
             old_logp: &old_logp,
             ref_logp: Some(reference),
             advantages,
             mask: &mask,
+            entropy_mask: None,
         };
         let unchunked = grpo_loss(&inputs, &params).unwrap();
         assert_close(
@@ -786,7 +830,7 @@ fn chunked_losses_sum_to_the_micro_batch_loss() {
             &format!("{label}: one chunk of everything is grpo_loss"),
         );
         assert!(
-            whole_metrics.clip_ratio_region_mean > 0.0,
+            whole_metrics.clip_ratio_region_mean.unwrap().value() > 0.0,
             "{label}: some tokens clipped"
         );
         for size in 1..rows {
@@ -812,7 +856,7 @@ fn chunked_losses_sum_to_the_micro_batch_loss() {
             let metrics: Vec<_> = chunks.iter().map(|c| c.2).collect();
             let combined = LossMetrics::of_chunks(&metrics);
             for (actual, expected, name) in [
-                (combined.kl.unwrap(), whole_metrics.kl.unwrap(), "kl"),
+                (combined.kl, whole_metrics.kl, "kl"),
                 (
                     combined.clip_ratio_low_mean,
                     whole_metrics.clip_ratio_low_mean,
@@ -829,6 +873,7 @@ fn chunked_losses_sum_to_the_micro_batch_loss() {
                     "region",
                 ),
             ] {
+                let (actual, expected) = (actual.unwrap().value(), expected.unwrap().value());
                 assert_close(actual, expected, 1e-9, 1e-12, &format!("{what}: {name}"));
             }
         }
@@ -859,7 +904,12 @@ fn clipping_off_policy_ratios() {
         max_completion_length: 4,
         num_items_in_batch: 6,
         gradient_accumulation_steps: 1,
+        steps_per_generation: 1,
         use_bias_correction_kl: false,
+        importance_sampling_level: ImportanceSamplingLevel::Token,
+        delta: None,
+        sapo_temperature_pos: 1.0,
+        sapo_temperature_neg: 1.05,
     };
     let inputs = LossInputs {
         logp: logp.as_tensor(),
@@ -867,6 +917,7 @@ fn clipping_off_policy_ratios() {
         ref_logp: None,
         advantages: &advantages,
         mask: &mask,
+        entropy_mask: None,
     };
     let loss = grpo_loss(&inputs, &params).unwrap();
     assert!(loss.per_token_kl.is_none() && loss.metrics.kl.is_none());
@@ -883,21 +934,21 @@ fn clipping_off_policy_ratios() {
     );
     // Clipped: row 0's ratio 1.5 > 1.28 with A > 0; row 1's 0.5 < 0.8 with A < 0.
     assert_close(
-        loss.metrics.clip_ratio_high_mean,
+        loss.metrics.clip_ratio_high_mean.unwrap().value(),
         1.0 / 6.0,
         0.0,
         1e-12,
         "high",
     );
     assert_close(
-        loss.metrics.clip_ratio_low_mean,
+        loss.metrics.clip_ratio_low_mean.unwrap().value(),
         1.0 / 6.0,
         0.0,
         1e-12,
         "low",
     );
     assert_close(
-        loss.metrics.clip_ratio_region_mean,
+        loss.metrics.clip_ratio_region_mean.unwrap().value(),
         2.0 / 6.0,
         0.0,
         1e-12,
@@ -929,6 +980,7 @@ fn loss_errors_name_the_culprit() {
         ref_logp: None,
         advantages,
         mask: &mask,
+        entropy_mask: None,
     };
     let err = grpo_loss(&without_ref, &golden.params(LossType::Grpo)).unwrap_err();
     assert!(err.to_string().contains("reference log-probs"), "{err}");
@@ -960,6 +1012,7 @@ fn step_metrics_serialise_with_trl_names() {
         grad_norm: 1.5,
         learning_rate: 1e-6,
         rewards: RewardMetrics::new(&["accuracy".to_owned()], &per_func, &adv).unwrap(),
+        dynamic_sampling: None,
         policy: loss.metrics,
         completions: CompletionLengthMetrics::default(),
         entropy,
@@ -999,4 +1052,40 @@ fn step_metrics_serialise_with_trl_names() {
     );
     assert_eq!(json["frac_reward_zero_std"], 0.5);
     assert_eq!(json["rewards/accuracy/mean"], 1.25);
+
+    // Dynamic sampling's metrics follow the rewards'; a sapo loss logs no clip ratios.
+    let sapo = LossParams {
+        loss_type: LossType::Sapo,
+        ..golden.params(LossType::Grpo)
+    };
+    let (_, sapo_loss) = golden.loss(&sapo);
+    let with_dynamic_sampling = StepMetrics {
+        dynamic_sampling: Some(DynamicSamplingMetrics {
+            generation_rounds: 2.5,
+            filled_groups: 0.0,
+        }),
+        policy: sapo_loss.metrics,
+        ..metrics
+    };
+    let json = serde_json::to_value(&with_dynamic_sampling).unwrap();
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys[7..11],
+        [
+            "frac_reward_zero_std",
+            "dynamic_sampling/generation_rounds",
+            "dynamic_sampling/filled_groups",
+            "kl",
+        ]
+    );
+    assert_eq!(json["dynamic_sampling/generation_rounds"], 2.5);
+    assert!(
+        !keys.iter().any(|k| k.starts_with("clip_ratio")),
+        "{keys:?}"
+    );
 }

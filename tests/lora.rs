@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
+use grpo::grpo::{grpo_loss, ImportanceSamplingLevel, LossInputs, LossParams, LossType};
 use grpo::model::{
     grouped_completion_logprobs, AdapterFolder, GroupedBatch, LoraSpec, ModelFiles, Qwen2,
 };
@@ -117,7 +117,12 @@ fn golden_loss(policy: &Qwen2, batch: &Batch) -> Tensor {
         max_completion_length: batch.mask.dim(1).unwrap(),
         num_items_in_batch: batch.mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize,
         gradient_accumulation_steps: 1,
+        steps_per_generation: 1,
         use_bias_correction_kl: false,
+        importance_sampling_level: ImportanceSamplingLevel::Token,
+        delta: None,
+        sapo_temperature_pos: 1.0,
+        sapo_temperature_neg: 1.05,
     };
     let inputs = LossInputs {
         logp: &logp,
@@ -125,6 +130,7 @@ fn golden_loss(policy: &Qwen2, batch: &Batch) -> Tensor {
         ref_logp: Some(&ref_logp),
         advantages: &common::tensors()["grpo.advantages"],
         mask: &batch.mask,
+        entropy_mask: None,
     };
     grpo_loss(&inputs, &params).unwrap().loss
 }

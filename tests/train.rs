@@ -1026,3 +1026,376 @@ fn lora_forward_batch_size_changes_neither_loss_nor_gradients() {
     let diff = max_relative_update_diff(&before, &whole, &chunked);
     assert!(diff < 1e-4, "adapter updates differ by {diff} (relative)");
 }
+
+/// LoRA dropout masks belong to the chunk, not to the worker that runs it: with chunks fed to
+/// one worker or to two at once, a run with dropout logs the same losses and trains the same
+/// adapters (masks drawn from one shared generator would differ with the workers' order).
+#[test]
+fn lora_dropout_masks_do_not_depend_on_the_workers() {
+    let run = |cpu_workers: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &[
+                "use_peft=true",
+                "lora_dropout=0.5",
+                "per_device_train_batch_size=3",
+                "gradient_accumulation_steps=1",
+                "max_steps=2",
+                "learning_rate=0.5",
+                "forward_batch_size=1",
+                &format!("cpu_workers={cpu_workers}"),
+            ],
+        );
+        grpo::train::train(&cfg).unwrap();
+        let out = dir.path().join("out");
+        (
+            metrics(&out),
+            weights(&out.join("adapter_model.safetensors")),
+        )
+    };
+    let (one_metrics, one) = run(1);
+    let (two_metrics, two) = run(2);
+    for (a, b) in one_metrics.iter().zip(&two_metrics) {
+        for key in ["loss", "grad_norm"] {
+            let (x, y) = (value(a, key), value(b, key));
+            assert!((x - y).abs() <= 1e-6 + 1e-5 * x.abs(), "{key}: {y} vs {x}");
+        }
+    }
+    for ((name, x), (_, y)) in one.iter().zip(&two) {
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-4 * scale.max(1e-3), "{name}: differs by {diff}");
+    }
+}
+
+/// The data position a checkpoint of the run in `out` saved.
+fn data_at(out: &Path, step: u64) -> grpo::data::DataPosition {
+    grpo::checkpoint::load_state(&out.join(format!("checkpoint-{step}")))
+        .unwrap()
+        .0
+        .data
+}
+
+fn run_in(dir: &Path, extra: &[&str]) -> Outcome {
+    let mut sets = vec!["log_completions=true", "save_steps=1"];
+    sets.extend_from_slice(extra);
+    grpo::train::train(&config(dir, &sets)).unwrap();
+    let out = dir.join("out");
+    Outcome {
+        metrics: metrics(&out),
+        completions: Vec::new(),
+        weights: weights(&out.join("model.safetensors")),
+    }
+}
+
+/// `steps_per_generation = 4` (two optimizer steps of 2 micro-steps): step 1 samples 4
+/// micro-batches of 2 prompts at once (the data moves on by 8 prompts) and step 2 trains on the
+/// last two without sampling, with the sampling-time log-probs as the old policy (with
+/// `epsilon = 0` every ratio off 1 is clipped: step 2 clips, while a run sampling every step
+/// trains on-policy and clips nothing). `generation_batch_size = 16` completions is the same.
+#[test]
+fn steps_per_generation_spreads_a_generation_over_steps() {
+    let clip_all = ["epsilon=0.0", "epsilon_high=0.0", "learning_rate=0.05"];
+    let spread_dir = tempfile::tempdir().unwrap();
+    let spread = run_in(
+        spread_dir.path(),
+        &[&clip_all[..], &["steps_per_generation=4"]].concat(),
+    );
+    let out = spread_dir.path().join("out");
+    let sampled: Vec<bool> = logged_metrics(&out)
+        .iter()
+        .map(|line| value(line, "timing/generation") > 0.0)
+        .collect();
+    assert_eq!(
+        sampled,
+        [true, false, true, false],
+        "one generation per 2 steps"
+    );
+    let prompts = |p: grpo::data::DataPosition| p.epoch * QUESTIONS.len() as u64 + p.index;
+    assert_eq!(prompts(data_at(&out, 1)), 8, "step 1 sampled 4 x 2 prompts");
+    assert_eq!(prompts(data_at(&out, 2)), 8, "step 2 sampled nothing");
+    assert_eq!(prompts(data_at(&out, 3)), 16);
+    assert!(value(&spread.metrics[1], "clip_ratio/region_mean") > 0.0);
+
+    let every_step = run_in(tempfile::tempdir().unwrap().path(), &clip_all);
+    for line in &every_step.metrics {
+        assert_eq!(
+            value(line, "clip_ratio/region_mean"),
+            0.0,
+            "on-policy: {line}"
+        );
+    }
+
+    let by_size = run_in(
+        tempfile::tempdir().unwrap().path(),
+        &[&clip_all[..], &["generation_batch_size=16"]].concat(),
+    );
+    assert_eq!(by_size.metrics, spread.metrics);
+    assert_eq!(by_size.weights, spread.weights);
+}
+
+/// A reward on which a few groups of the tiny random model agree (two completions of the same
+/// length in characters: open-r1's cosine reward of a wrong answer depends on length only) and
+/// most do not.
+const MIXED_REWARDS: &str = r#"reward_funcs=["cosine"]"#;
+
+/// The completions a run logged at `step`, grouped by prompt (2 per group): their rewards.
+fn logged_group_rewards(out: &Path, step: u64) -> Vec<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(out.join(format!("completions/step_{step}.jsonl"))).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    records
+        .chunks(2)
+        .map(|group| group.iter().map(|r| r["rewards"].clone()).collect())
+        .collect()
+}
+
+/// `dynamic_sampling`: without it some trained groups' rewards agree; with it none do, more
+/// prompts are used up, and the rounds and the zero-std fraction of everything sampled are
+/// logged.
+#[test]
+fn dynamic_sampling_trains_only_on_groups_whose_rewards_differ() {
+    let steps = ["max_steps=3"];
+    let plain_dir = tempfile::tempdir().unwrap();
+    run_in(plain_dir.path(), &[&steps[..], &[MIXED_REWARDS]].concat());
+    let plain = plain_dir.path().join("out");
+    let agreeing = (1..=3)
+        .flat_map(|step| logged_group_rewards(&plain, step))
+        .filter(|group| group[0] == group[1])
+        .count();
+    assert!(agreeing > 0, "the premise: some groups' rewards agree");
+    for line in metrics(&plain) {
+        assert!(line.get("dynamic_sampling/generation_rounds").is_none());
+    }
+
+    let dynamic_dir = tempfile::tempdir().unwrap();
+    run_in(
+        dynamic_dir.path(),
+        &[&steps[..], &[MIXED_REWARDS, "dynamic_sampling=true"]].concat(),
+    );
+    let dynamic = dynamic_dir.path().join("out");
+    for step in 1..=3 {
+        for group in logged_group_rewards(&dynamic, step) {
+            assert_ne!(
+                group[0], group[1],
+                "step {step} trained on a zero-std group"
+            );
+        }
+    }
+    let lines = metrics(&dynamic);
+    assert!(lines
+        .iter()
+        .any(|l| value(l, "dynamic_sampling/generation_rounds") > 1.0));
+    for line in &lines {
+        assert_eq!(value(line, "dynamic_sampling/filled_groups"), 0.0);
+        let rounds = value(line, "dynamic_sampling/generation_rounds");
+        let zero_std = value(line, "frac_reward_zero_std");
+        assert_eq!(rounds > 1.0, zero_std > 0.0, "{line}");
+    }
+    let prompts = |p: grpo::data::DataPosition| p.epoch * QUESTIONS.len() as u64 + p.index;
+    assert!(prompts(data_at(&dynamic, 3)) > prompts(data_at(&plain, 3)));
+}
+
+/// When every group's rewards agree (a random model is never correct), dynamic sampling runs
+/// 1 + `max_resample_rounds` rounds, each sampling the missing groups' worth of prompts, then
+/// trains on groups whose rewards agree and says so.
+#[test]
+fn max_resample_rounds_bounds_dynamic_sampling() {
+    for rounds in [1u64, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = format!("max_resample_rounds={rounds}");
+        run_in(
+            dir.path(),
+            &[
+                "max_steps=1",
+                r#"reward_funcs=["correctness"]"#,
+                "dynamic_sampling=true",
+                &bound,
+            ],
+        );
+        let out = dir.path().join("out");
+        let line = &metrics(&out)[0];
+        assert_eq!(
+            value(line, "dynamic_sampling/generation_rounds"),
+            (1 + rounds) as f64
+        );
+        assert_eq!(
+            value(line, "dynamic_sampling/filled_groups"),
+            4.0,
+            "2 x 2 prompts"
+        );
+        assert_eq!(value(line, "frac_reward_zero_std"), 1.0);
+        // 4 prompts per round: the first round's, then the 4 missing groups' each time.
+        let data = data_at(&out, 1);
+        assert_eq!(
+            data.epoch * QUESTIONS.len() as u64 + data.index,
+            4 * (1 + rounds)
+        );
+    }
+}
+
+/// Dynamic sampling with generations of 4 micro-batches (2 steps each): resuming from
+/// checkpoint-1 (inside a generation: its rollouts come from the checkpoint) or checkpoint-2
+/// (between two: the resampled data order and the seeds of every round must come back) ends bit
+/// for bit where the uninterrupted run does.
+#[test]
+fn resume_with_dynamic_sampling_continues_bit_for_bit() {
+    let extra = [
+        MIXED_REWARDS,
+        "dynamic_sampling=true",
+        "steps_per_generation=4",
+        "save_steps=1",
+        "max_steps=4",
+    ];
+    let straight = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(straight.path(), &extra)).unwrap();
+    let a = straight.path().join("out");
+    let logged = metrics(&a);
+    assert!(
+        logged
+            .iter()
+            .any(|l| value(l, "dynamic_sampling/generation_rounds") > 1.0),
+        "groups were resampled: {logged:?}"
+    );
+    for from in [1usize, 2] {
+        let resumed = tempfile::tempdir().unwrap();
+        let resume = format!(
+            "resume_from_checkpoint={}",
+            a.join(format!("checkpoint-{from}")).display()
+        );
+        let mut resumed_extra = extra.to_vec();
+        resumed_extra.push(&resume);
+        grpo::train::train(&config(resumed.path(), &resumed_extra)).unwrap();
+        let b = resumed.path().join("out");
+        assert_eq!(
+            weights(&a.join("model.safetensors")),
+            weights(&b.join("model.safetensors")),
+            "resumed from checkpoint-{from}"
+        );
+        assert_eq!(logged[from..], metrics(&b)[..], "from checkpoint-{from}");
+        assert_eq!(data_at(&a, 4), data_at(&b, 4), "the same data consumed");
+    }
+}
+
+/// Resuming a checkpoint saved inside a generation with another `steps_per_generation` is an
+/// error naming it, not a panic or a silent mix.
+#[test]
+fn resume_inside_a_generation_needs_its_steps_per_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    grpo::train::train(&config(
+        dir.path(),
+        &["steps_per_generation=4", "save_steps=1", "max_steps=1"],
+    ))
+    .unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let resume = format!(
+        "resume_from_checkpoint={}",
+        dir.path().join("out/checkpoint-1").display()
+    );
+    let err = grpo::train::train(&config(other.path(), &["steps_per_generation=6", &resume]))
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("steps_per_generation") && msg.contains("4 micro-batches"),
+        "{msg}"
+    );
+}
+
+/// Each loss option reaches the loop. Step 2 retrains step 1's rollout (`num_iterations = 2`),
+/// so its ratios are off 1: sequence-level ratios, cispo, sapo and its temperatures and
+/// `delta` change step 2's loss; `top_entropy_quantile` changes step 1's already. cispo logs
+/// its own clip metric and sapo none.
+#[test]
+fn loss_options_reach_the_loop() {
+    let common = ["num_iterations=2", "max_steps=2", "learning_rate=0.05"];
+    let run = |extra: &[&str]| run_with(&[&common[..], extra].concat()).metrics;
+    let loss = |lines: &[serde_json::Value], step: usize| value(&lines[step], "loss");
+    let base = run(&[]);
+
+    let sequence = run(&["importance_sampling_level=sequence"]);
+    assert_ne!(loss(&sequence, 1), loss(&base, 1), "GSPO");
+
+    let cispo = run(&["loss_type=cispo", "epsilon_high=1.02"]);
+    let cispo_wider = run(&["loss_type=cispo", "epsilon_high=5.0"]);
+    assert_ne!(loss(&cispo, 1), loss(&cispo_wider, 1), "cispo's cap");
+    assert!(cispo[1].get("cispo_clip_ratio").is_some());
+    assert!(cispo[1].get("clip_ratio/region_mean").is_none());
+
+    let sapo = run(&["loss_type=sapo"]);
+    let sapo_hot = run(&[
+        "loss_type=sapo",
+        "sapo_temperature_pos=4.0",
+        "sapo_temperature_neg=0.25",
+    ]);
+    assert_ne!(loss(&sapo, 1), loss(&sapo_hot, 1), "sapo's temperatures");
+    assert_ne!(loss(&sapo, 1), loss(&base, 1));
+    assert!(sapo[1].get("clip_ratio/region_mean").is_none());
+
+    let tight = ["epsilon=0.01", "epsilon_high=0.01"];
+    let undelta = run(&tight);
+    let delta = run(&[&tight[..], &["delta=1.0101"]].concat());
+    assert_ne!(loss(&delta, 1), loss(&undelta, 1), "delta");
+
+    let top_entropy = run(&["top_entropy_quantile=0.2"]);
+    assert_ne!(
+        loss(&top_entropy, 0),
+        loss(&base, 0),
+        "top_entropy_quantile"
+    );
+}
+
+/// `forward_batch_size` with `top_entropy_quantile` and sequence-level ratios: chunks (slices
+/// of a group, or single groups) take the whole micro-batch's entropy threshold and give the
+/// loss, metrics and update of one pass.
+#[test]
+fn chunked_micro_steps_keep_the_entropy_threshold_and_sequence_ratios() {
+    let run = |forward_batch_size: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &[
+                "per_device_train_batch_size=3",
+                "gradient_accumulation_steps=1",
+                "num_iterations=2",
+                "max_steps=2",
+                "save_steps=100",
+                "learning_rate=0.5",
+                "adam_epsilon=1.0",
+                "top_entropy_quantile=0.5",
+                "importance_sampling_level=sequence",
+                &format!("forward_batch_size={forward_batch_size}"),
+            ],
+        );
+        grpo::train::train(&cfg).unwrap();
+        let out = dir.path().join("out");
+        (metrics(&out), weights(&out.join("model.safetensors")))
+    };
+    let initial = weights(&golden_dir().join("model.safetensors"));
+    let (whole_metrics, whole_weights) = run(0);
+    for size in [1, 2] {
+        let (chunked_metrics, chunked_weights) = run(size);
+        for (whole, chunked) in whole_metrics.iter().zip(&chunked_metrics) {
+            for key in [
+                "loss",
+                "grad_norm",
+                "kl",
+                "entropy",
+                "clip_ratio/region_mean",
+            ] {
+                let (x, y) = (value(whole, key), value(chunked, key));
+                assert!(
+                    (x - y).abs() <= 1e-6 + 1e-5 * x.abs(),
+                    "forward_batch_size = {size}: {key} {y} vs {x} in one pass"
+                );
+            }
+        }
+        let diff = max_relative_update_diff(&initial, &whole_weights, &chunked_weights);
+        assert!(
+            diff < 1e-4,
+            "forward_batch_size = {size}: updates differ by {diff}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
+use grpo::grpo::{grpo_loss, ImportanceSamplingLevel, LossInputs, LossParams, LossType};
 use grpo::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 
 /// The golden folder under test.
@@ -345,7 +345,12 @@ pub fn golden_grpo_step(policy: &Qwen2, reference: &Qwen2, settings: &GrpoSettin
         max_completion_length: cases()["grpo"]["max_completion_length"].as_u64().unwrap() as usize,
         num_items_in_batch: num_items,
         gradient_accumulation_steps: 1,
+        steps_per_generation: 1,
         use_bias_correction_kl: settings.use_bias_correction_kl,
+        importance_sampling_level: ImportanceSamplingLevel::Token,
+        delta: None,
+        sapo_temperature_pos: 1.0,
+        sapo_temperature_neg: 1.05,
     };
     let inputs = LossInputs {
         logp: &logp,
@@ -353,6 +358,7 @@ pub fn golden_grpo_step(policy: &Qwen2, reference: &Qwen2, settings: &GrpoSettin
         ref_logp: Some(&ref_logp),
         advantages: &t["grpo.advantages"],
         mask,
+        entropy_mask: None,
     };
     let loss = grpo_loss(&inputs, &params).unwrap().loss;
     let grads = loss.backward().unwrap();
