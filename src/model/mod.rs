@@ -1,8 +1,10 @@
 //! The differentiable Qwen2 policy: checkpoint loading ([`load`]), the forward pass over hidden
 //! states with a KV cache and a grouped training forward ([`qwen2`]), its differentiable
-//! building blocks ([`ops`], with fused CPU kernels in [`fused`]) and chunked per-token log-probs and entropies ([`logprobs`]).
+//! building blocks ([`ops`], with fused kernels in [`fused`], whose CUDA launches [`kernels`]
+//! describes) and chunked per-token log-probs and entropies ([`logprobs`]).
 
 pub mod fused;
+pub mod kernels;
 pub mod load;
 pub mod logprobs;
 pub mod ops;
