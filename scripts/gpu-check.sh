@@ -16,8 +16,10 @@
 # problem at once, exiting 1 before any work. --preflight stops after those checks.
 #
 # Usage: scripts/gpu-check.sh [--grpo PATH] [--out DIR] [--steps N] [--python PY] [--wheels DIR]
-#                             [--golden DIR] [--side-timeout S] [--skip-trl] [--preflight]
-#   --grpo PATH    the CUDA grpo binary (default: $GRPO_BIN, else ./grpo, else
+#                             [--cuda-libs DIR] [--golden DIR] [--side-timeout S] [--skip-trl]
+#                             [--preflight]
+#   --grpo PATH    the CUDA grpo binary, or it compressed (.xz or .gz, unpacked into OUT/bin:
+#                  stripped it is ~73 MB, xz'd ~10 MB) (default: $GRPO_BIN, else ./grpo, else
 #                  target-cuda/release/grpo)
 #   --out DIR      results and work files (default target/gpu-check)
 #   --steps N      optimizer steps per side (default 3; the first is left out of the medians)
@@ -25,6 +27,8 @@
 #   --wheels DIR   wheels of trl, datasets and what they need, installed offline into a venv
 #                  (with the system's packages) when trl or datasets is not importable
 #                  (default wheels/ in the repository)
+#   --cuda-libs DIR  a folder of CUDA 13 libraries the binary needs and the machine lacks (e.g.
+#                  libcurand.so.10, which torch's wheels may not bring), each maybe .gz or .xz
 #   --golden DIR   golden folder (default tests/fixtures/golden)
 #   --side-timeout S  seconds each benchmark side may take before it is killed (default 240, so
 #                  the whole run stays within about 10 minutes)
@@ -42,6 +46,7 @@ golden=$repo/tests/fixtures/golden
 skip_trl=false
 preflight_only=false
 side_timeout=240
+cuda_libs=
 
 die() {
   echo "gpu-check: $*" >&2
@@ -56,6 +61,7 @@ while [ $# -gt 0 ]; do
     --python) python=${2:?--python needs an interpreter}; shift 2 ;;
     --wheels) wheels=${2:?--wheels needs a folder}; shift 2 ;;
     --golden) golden=${2:?--golden needs a folder}; shift 2 ;;
+    --cuda-libs) cuda_libs=${2:?--cuda-libs needs a folder}; shift 2 ;;
     --side-timeout) side_timeout=${2:?--side-timeout needs seconds}; shift 2 ;;
     --skip-trl) skip_trl=true; shift ;;
     --preflight) preflight_only=true; shift ;;
@@ -81,29 +87,71 @@ fi
 problems=()
 problem() { problems+=("$*"); }
 
-# The CUDA 13 libraries the binary links (cuBLAS, cuRAND, the runtime): the NVIDIA wheels that
-# torch brings carry them; put them on the loader's path unless it already finds them.
+# Unpacks FILE (.gz or .xz) to TARGET; says why not otherwise.
+unpack() {
+  case $1 in
+    *.gz) gzip -dc "$1" >"$2" 2>/dev/null ;;
+    *.xz) xz -dc "$1" >"$2" 2>/dev/null ;;
+    *) return 1 ;;
+  esac || { rm -f "$2"; problem "$1 could not be unpacked (is it really ${1##*.}-compressed?)"; return 1; }
+}
+
+# A compressed binary (small enough to carry) is unpacked first.
+grpo_unpacked=true
+if [[ $grpo == *.gz || $grpo == *.xz ]] && [ -f "$grpo" ]; then
+  mkdir -p "$out/bin"
+  if unpack "$grpo" "$out/bin/grpo"; then
+    chmod +x "$out/bin/grpo"
+    grpo=$out/bin/grpo
+  else
+    grpo_unpacked=false
+  fi
+fi
+
+# The CUDA 13 libraries the binary links (cuBLAS, cuRAND, the runtime) beside the driver's
+# libcuda: from --cuda-libs (compressed ones unpacked into OUT/lib), else from the NVIDIA wheels
+# that torch brings.
+if [ -n "$cuda_libs" ]; then
+  if [ ! -d "$cuda_libs" ]; then
+    problem "--cuda-libs $cuda_libs is not a folder"
+  else
+    for packed in "$cuda_libs"/*.so*.gz "$cuda_libs"/*.so*.xz; do
+      [ -f "$packed" ] || continue
+      mkdir -p "$out/lib"
+      name=${packed##*/}
+      unpack "$packed" "$out/lib/${name%.*}" || true
+    done
+    export LD_LIBRARY_PATH=$out/lib:$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+fi
 python_found=false
 if command -v "$python" >/dev/null 2>&1; then
   python_found=true
-  if cuda_libs=$("$python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null) &&
-    [ -d "$cuda_libs" ]; then
-    export LD_LIBRARY_PATH=$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  if wheel_libs=$("$python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null) &&
+    [ -d "$wheel_libs" ]; then
+    export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$wheel_libs
   fi
 fi
 
 # 1. The binary: present, its libraries found, built with CUDA.
-if [ ! -f "$grpo" ]; then
+if ! $grpo_unpacked; then
+  : # said above
+elif [ ! -f "$grpo" ]; then
   problem "no grpo binary at $grpo: build it on a build machine with scripts/build-cuda.sh, carry target-cuda/release/grpo here, and pass --grpo PATH (or set GRPO_BIN)"
 elif [ ! -x "$grpo" ]; then
   problem "$grpo is not executable (chmod +x it)"
 else
-  if missing=$(ldd "$grpo" 2>/dev/null | awk '/not found/ { print $1 }') && [ -n "$missing" ]; then
-    problem "the grpo binary needs $(echo "$missing" | tr '\n' ' ')which the loader does not find: install torch's CUDA 13 wheels (nvidia-cublas, nvidia-curand, nvidia-cuda-runtime) for $python, or put their lib folder on LD_LIBRARY_PATH"
-  elif ! version=$("$grpo" --version 2>&1); then
-    problem "$grpo --version failed: $version"
-  elif [[ $version != *"(cuda)"* ]]; then
-    problem "$grpo was built without CUDA ($version): build it with scripts/build-cuda.sh"
+  missing=$(ldd "$grpo" 2>/dev/null | awk '/not found/ { print $1 }') || missing=
+  driver_lib=$(echo "$missing" | grep '^libcuda\.so' || true)
+  toolkit_libs=$(echo "$missing" | grep -v '^libcuda\.so' | tr '\n' ' ' || true)
+  [ -z "$driver_lib" ] || problem "the NVIDIA driver's $driver_lib is not found (is the driver installed?)"
+  [ -z "${toolkit_libs// /}" ] || problem "the grpo binary needs ${toolkit_libs}which the loader does not find: carry them (from scripts/build-cuda.sh's cache, ~/.cache/grpo-cuda13/tk/nvidia/cu13/lib, each xz- or gzip-compressed if you like) in a folder and pass --cuda-libs DIR, or install the CUDA 13 wheels (nvidia-cublas, nvidia-curand, nvidia-cuda-runtime) for $python"
+  if [ -z "$missing" ]; then
+    if ! version=$("$grpo" --version 2>&1); then
+      problem "$grpo --version failed: $version"
+    elif [[ $version != *"(cuda)"* ]]; then
+      problem "$grpo was built without CUDA ($version): build it with scripts/build-cuda.sh"
+    fi
   fi
 fi
 

@@ -30,6 +30,7 @@ fn tool_path(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(&bin).unwrap();
     for tool in [
         "bash", "env", "dirname", "cat", "sed", "awk", "tr", "head", "ldd", "mkdir", "date",
+        "gzip", "xz", "chmod", "grep", "rm",
     ] {
         let found = ["/usr/bin", "/bin"]
             .iter()
@@ -215,6 +216,56 @@ fn preflight_passes_on_a_complete_gpu_machine() {
         text.contains("preflight passed") && text.contains("NVIDIA H200"),
         "{text}"
     );
+}
+
+#[test]
+fn a_gzipped_binary_is_unpacked_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = tool_path(dir.path());
+    gpu_machine(&bin, &[]);
+    let packed = dir.path().join("grpo.gz");
+    let gzip = Command::new(bin.join("gzip"))
+        .arg("-c")
+        .arg(cuda_grpo(dir.path()))
+        .output()
+        .unwrap();
+    std::fs::write(&packed, gzip.stdout).unwrap();
+    let out = dir.path().join("out");
+    let args = |grpo: &Path| -> Vec<std::ffi::OsString> {
+        vec![
+            "--grpo".into(),
+            grpo.into(),
+            "--golden".into(),
+            golden().into(),
+            "--out".into(),
+            out.clone().into(),
+            "--preflight".into(),
+        ]
+    };
+    let packed_args = args(&packed);
+    let (output, text) = run(
+        &bin,
+        &packed_args
+            .iter()
+            .map(|a| a.as_os_str())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&format!("{}/bin/grpo", out.display())),
+        "{text}"
+    );
+
+    let not_gzip = dir.path().join("other.gz");
+    std::fs::write(&not_gzip, "not gzip").unwrap();
+    let bad_args = args(&not_gzip);
+    let (output, text) = run(
+        &bin,
+        &bad_args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>(),
+    );
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("could not be unpacked"), "{text}");
+    assert!(text.contains("1 problem(s) found"), "{text}");
 }
 
 #[test]
