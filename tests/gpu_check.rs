@@ -30,7 +30,7 @@ fn tool_path(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(&bin).unwrap();
     for tool in [
         "bash", "env", "dirname", "cat", "sed", "awk", "tr", "head", "ldd", "mkdir", "date",
-        "gzip", "xz", "chmod", "grep", "rm",
+        "gzip", "chmod", "grep", "rm",
     ] {
         let found = ["/usr/bin", "/bin"]
             .iter()
