@@ -1,7 +1,7 @@
 //! The command line: `grpo train | sft | eval | sample | score`, each reading the same config
 //! (`--config`, `--set`, `--print-config`), the tools `grpo data synth`, `grpo plot`,
-//! `grpo init-model` and `grpo merge`, plus logging setup and the mapping of errors to exit
-//! codes. Each command is one function called from [`run`].
+//! `grpo init-model`, `grpo merge` and `grpo check`, plus logging setup and the mapping of errors
+//! to exit codes. Each command is one function called from [`run`].
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Write};
@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
+use crate::config::{Config, DeviceChoice};
 use crate::eval::{self, EvalOptions};
 use crate::rewards::RewardSet;
 use crate::sample::{self, ModelChoice, PromptSource};
@@ -22,7 +23,7 @@ use crate::score::score_jsonl;
 #[derive(Debug, Parser)]
 #[command(
     name = "grpo",
-    version,
+    version = crate::device::VERSION,
     about = "GRPO (the rule-reward RL of DeepSeek-R1-Zero) for Qwen2.5 and Qwen3 chat models",
     long_about = "GRPO (the rule-reward RL of DeepSeek-R1-Zero) for Qwen2.5 and Qwen3 chat models, \
 in one binary.\n\n\
@@ -115,6 +116,18 @@ otherwise."
     #[command(subcommand)]
     Data(DataCommand),
 
+    /// Check this build's model against a golden folder, on a device and in f32 and bf16.
+    #[command(
+        long_about = "Check this build's model against a golden folder (the schema of \
+tests/fixtures/golden: PyTorch and TRL values in float32), on --device and with each --dtype \
+as compute dtype: the forward logits, the per-token log-probs of the policy and the reference, \
+the training forward's log-probs and entropies, and for each loss type (grpo, bnpo, dr_grpo, \
+dapo) the loss and the gradient of every parameter, each within the tolerance \
+docs/PRECISION.md gives for the dtype. Prints a table (also written to --out); exits 1 when a \
+comparison is out of tolerance."
+    )]
+    Check(CheckArgs),
+
     /// Draw the training curves of a run as an SVG.
     #[command(
         long_about = "Draw the training curves of a run as an SVG: one panel each for reward, \
@@ -157,6 +170,48 @@ pub struct SynthArgs {
     /// Largest operand, intermediate and final result (at least 20); lower is easier.
     #[arg(long, value_name = "N", default_value_t = crate::synth::MAX_ANSWER)]
     pub max_answer: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Golden folder to compare with (e.g. tests/fixtures/golden).
+    #[arg(long, value_name = "DIR")]
+    pub golden: PathBuf,
+
+    /// Device: auto (CUDA when this build has it and a GPU opens, else the CPU), cpu or cuda.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+
+    /// Compute dtypes to check, comma-separated (f32, bf16).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "f32,bf16",
+        value_parser = parse_compute_dtype
+    )]
+    pub dtype: Vec<DType>,
+
+    /// Also write the table to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+fn parse_device(text: &str) -> std::result::Result<DeviceChoice, String> {
+    match text {
+        "auto" => Ok(DeviceChoice::Auto),
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" => Ok(DeviceChoice::Cuda),
+        _ => Err(format!("expected auto, cpu or cuda, got {text:?}")),
+    }
+}
+
+fn parse_compute_dtype(text: &str) -> std::result::Result<DType, String> {
+    match text {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("expected f32 or bf16, got {text:?}")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -339,6 +394,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plot(args) => plot(args),
         Command::InitModel(args) => init_model(args),
         Command::Merge(args) => merge(args),
+        Command::Check(args) => check(args),
     }
 }
 
@@ -451,6 +507,34 @@ fn init_model(args: InitModelArgs) -> Result<()> {
 fn merge(args: MergeArgs) -> Result<()> {
     crate::merge::merge(&args.adapter, args.base_model.as_deref(), &args.out)?;
     println!("wrote the merged model to {}", args.out.display());
+    Ok(())
+}
+
+fn check(args: CheckArgs) -> Result<()> {
+    let device = crate::device::select_device(args.device)?;
+    let report = crate::check::check_golden(&args.golden, &device, &args.dtype)?;
+    let table = report.table();
+    let mut stdout = io::stdout().lock();
+    stdout
+        .write_all(table.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("writing the check table to stdout")?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
+    }
+    let failed: Vec<String> = report
+        .failures()
+        .map(|c| format!("{} {}", c.dtype.as_str(), c.quantity))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} golden comparisons on {} are out of tolerance: {}",
+            failed.len(),
+            report.comparisons.len(),
+            report.device,
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
 

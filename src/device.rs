@@ -16,6 +16,14 @@ use crate::config::{Config, DeviceChoice};
 /// Whether this binary was built with CUDA support (the `cuda` feature).
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
 
+/// What `grpo --version` prints after the name: the package version and `(cuda)` or `(cpu)`,
+/// the build's devices (`scripts/gpu-check.sh` reads it).
+pub const VERSION: &str = if BUILT_WITH_CUDA {
+    concat!(env!("CARGO_PKG_VERSION"), " (cuda)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (cpu)")
+};
+
 /// The device tensors live on and the dtype of the model's matmuls there.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -52,12 +60,21 @@ impl Runtime {
 impl fmt::Display for Runtime {
     /// `cpu (f32)` or `cuda:0 (bf16)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let device = match self.device.location() {
-            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-        };
-        write!(f, "{device} ({})", self.compute_dtype.as_str())
+        write!(
+            f,
+            "{} ({})",
+            device_name(&self.device),
+            self.compute_dtype.as_str()
+        )
+    }
+}
+
+/// `cpu`, `cuda:0`, ...
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 

@@ -5,6 +5,7 @@
 //! [`grpo`] advantages and loss → [`optim`] step → [`metrics`] and checkpoints
 //! (see `docs/ARCHITECTURE.md`).
 
+pub mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

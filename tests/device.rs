@@ -367,3 +367,196 @@ fn bf16_sampling_decodes_with_the_bf16_cache_like_the_bf16_forward() {
         }
     }
 }
+
+/// The fused ops' CUDA kernels (`kernels/fused.cu`), forward and backward, in f32 and bf16,
+/// against the CPU ops on the same inputs; and the golden check on the GPU. These need a GPU:
+/// they run in the CUDA build (`--features cuda`) only, and fail without a GPU.
+#[cfg(feature = "cuda")]
+mod cuda_kernels {
+    use candle_core::{DType, Device, Tensor, Var};
+    use grpo::model::fused;
+    use grpo::model::ops::{causal_bias, rope_tables, MASKED_BIAS};
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("the CUDA kernel tests need a GPU")
+    }
+
+    /// Deterministic values in about [-scale, scale] (f32, CPU).
+    fn values(shape: &[usize], seed: f64, scale: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let t = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+        ((t * 0.7312).unwrap() + seed)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(scale, 0.0)
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
+    }
+
+    /// `t` (CPU f32) as `dtype` on `device`.
+    fn on(t: &Tensor, device: &Device, dtype: DType) -> Tensor {
+        t.to_dtype(dtype).unwrap().to_device(device).unwrap()
+    }
+
+    /// `t` rounded to `dtype`, as f32 on the CPU.
+    fn host(t: &Tensor, dtype: DType) -> Tensor {
+        t.to_dtype(dtype)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    fn assert_close(what: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) {
+        assert!(gpu.device().is_cuda(), "{what} ran on the GPU");
+        let a: Vec<f32> = host(gpu, dtype).flatten_all().unwrap().to_vec1().unwrap();
+        let e: Vec<f32> = cpu.flatten_all().unwrap().to_vec1().unwrap();
+        let largest = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let relative = if dtype == DType::BF16 {
+            1.0 / 128.0
+        } else {
+            1e-5
+        };
+        for (i, (a, e)) in a.iter().zip(&e).enumerate() {
+            let bound = relative * e.abs() + relative * 1e-2 * largest + 1e-6;
+            assert!(
+                (a - e).abs() <= bound,
+                "{what} ({dtype:?}): element {i} is {a} on the GPU, {e} on the CPU"
+            );
+        }
+    }
+
+    /// Runs `op` on CPU f32 inputs (rounded to `dtype`) and on the GPU in `dtype`; compares the
+    /// outputs and the gradients of `sum(out * upstream)` for the first `trainable` inputs.
+    fn compare(what: &str, inputs: &[Tensor], trainable: usize, op: impl Fn(&[Tensor]) -> Tensor) {
+        let gpu = gpu();
+        for dtype in [DType::F32, DType::BF16] {
+            let run = |device: &Device, storage: DType| {
+                let vars: Vec<Var> = inputs[..trainable]
+                    .iter()
+                    .map(|t| Var::from_tensor(&on(&host(t, dtype), device, storage)).unwrap())
+                    .collect();
+                let mut all: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                all.extend(
+                    inputs[trainable..]
+                        .iter()
+                        .map(|t| on(&host(t, dtype), device, storage)),
+                );
+                let out = op(&all);
+                let upstream = on(&host(&values(out.dims(), 0.9, 1.0), dtype), device, storage);
+                let grads = (&out * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grads: Vec<Tensor> = vars
+                    .iter()
+                    .map(|v| grads.get(v.as_tensor()).expect("a gradient").clone())
+                    .collect();
+                (out, grads)
+            };
+            let (cpu_out, cpu_grads) = run(&Device::Cpu, DType::F32);
+            let (gpu_out, gpu_grads) = run(&gpu, dtype);
+            assert_close(what, &gpu_out, &cpu_out, dtype);
+            for (i, (g, c)) in gpu_grads.iter().zip(&cpu_grads).enumerate() {
+                assert_close(&format!("{what} gradient {i}"), g, c, dtype);
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_kernels_match_the_cpu_op() {
+        for (rows, width) in [(37, 50), (5, 896)] {
+            let inputs = [values(&[rows, width], 0.1, 2.0), values(&[width], 0.5, 1.0)];
+            compare("rms_norm", &inputs, 2, |t| {
+                t[0].apply_op2(&t[1], fused::RmsNorm { eps: 1e-6 }).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn rope_kernels_match_the_cpu_op() {
+        let (b, heads, t, d) = (2, 3, 7, 64);
+        let positions: Vec<i64> = (0..b * t).map(|i| (i * 37 % 11) as i64).collect();
+        let positions = Tensor::from_vec(positions, (b, t), &Device::Cpu).unwrap();
+        let (cos, sin) = rope_tables(&positions, d, 1e6).unwrap();
+        let inputs = [values(&[b, heads, t, d], 0.3, 1.5), cos, sin];
+        compare("rope", &inputs, 1, |t| {
+            t[0].apply_op3(&t[1], &t[2], fused::Rope { adjoint: false })
+                .unwrap()
+        });
+    }
+
+    #[test]
+    fn softmax_kernels_match_the_cpu_op() {
+        let (rows, width) = (6, 300);
+        let mask: Vec<f32> = (0..width)
+            .map(|i| if i % 4 == 2 { MASKED_BIAS } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, width, &Device::Cpu).unwrap();
+        let x = values(&[rows, width], 0.2, 3.0)
+            .broadcast_add(&mask)
+            .unwrap();
+        compare("softmax", &[x], 1, |t| {
+            t[0].apply_op1(fused::Softmax).unwrap()
+        });
+    }
+
+    #[test]
+    fn attention_softmax_kernels_match_the_cpu_op() {
+        let (b, kv_heads, per_kv, t, past) = (2, 2, 7, 5, 4);
+        let s = past + t;
+        let key_mask = Tensor::new(
+            &[[0u8, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let bias = causal_bias(&key_mask, t).unwrap();
+        let scores = values(&[b, kv_heads, per_kv * t, s], 0.4, 4.0);
+        compare("attention softmax", &[scores, bias], 1, |t| {
+            t[0].apply_op2(&t[1], fused::AttentionSoftmax { scale: 0.125 })
+                .unwrap()
+        });
+    }
+
+    #[test]
+    fn logprob_kernels_match_the_cpu_ops() {
+        // Qwen2.5's vocabulary.
+        let (rows, vocab, temperature) = (5, 151_936, 0.9);
+        let logits = values(&[rows, vocab], 0.6, 8.0);
+        let targets = Tensor::new(&[3u32, 0, 151_935, 77, 1024], &Device::Cpu).unwrap();
+        let gpu = gpu();
+        let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+        let op = fused::LogSoftmaxGather { temperature };
+        let cpu = logits.apply_op2_no_bwd(&targets, &op).unwrap();
+        let out = on_gpu(&logits)
+            .apply_op2_no_bwd(&on_gpu(&targets), &op)
+            .unwrap();
+        assert_close("log-probs", &out, &cpu, DType::F32);
+
+        let upstream = Tensor::new(&[[1f32], [-2.0], [0.5], [3.0], [0.0]], &Device::Cpu).unwrap();
+        let scale = (upstream / temperature).unwrap();
+        let stats = Tensor::cat(&[&cpu.narrow(1, 2, 1).unwrap(), &scale], 1).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let op = fused::LogprobGrad { temperature, dtype };
+            let cpu = logits.apply_op3_no_bwd(&targets, &stats, &op).unwrap();
+            let out = on_gpu(&logits)
+                .apply_op3_no_bwd(&on_gpu(&targets), &on_gpu(&stats), &op)
+                .unwrap();
+            assert_eq!(out.dtype(), dtype);
+            assert_close("log-prob gradient", &out, &cpu, dtype);
+        }
+    }
+
+    #[test]
+    fn golden_check_passes_on_the_gpu_in_f32_and_bf16() {
+        let report =
+            grpo::check::check_golden(&super::golden_dir(), &gpu(), &[DType::F32, DType::BF16])
+                .unwrap();
+        assert!(report.passed(), "{}", report.table());
+    }
+}

@@ -244,7 +244,13 @@ fn chunked_logprob_gradients_match_the_direct_formula() {
         .unwrap()
         .mul(&completion_mask.to_dtype(DType::F32).unwrap())
         .unwrap();
-    assert!(max_abs_diff(&chunked, &direct) < 1e-6);
+    // The same log-softmax, its row sums taken in another order: a few float32 roundings.
+    let scale = max_abs_diff(&direct, &direct.zeros_like().unwrap());
+    let diff = max_abs_diff(&chunked, &direct);
+    assert!(
+        diff <= 4.0 * f32::EPSILON as f64 * scale,
+        "differ by {diff}"
+    );
     let weights = loss_weights(direct.shape());
     let a = (&chunked * &weights)
         .unwrap()

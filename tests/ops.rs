@@ -333,3 +333,49 @@ fn fused_rms_norm_gives_a_frozen_weight_no_gradient() {
     let grads = fused.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&weight).is_none());
 }
+
+#[test]
+fn fused_logprobs_match_log_softmax_gather_and_entropy() {
+    let (rows, vocab, temperature) = (4, 50, 0.7);
+    let logits = random(&[rows, vocab], 3.0);
+    let targets = Tensor::new(&[[3u32], [0], [49], [17]], &Device::Cpu).unwrap();
+    let stats = logits
+        .as_tensor()
+        .apply_op2_no_bwd(&targets, &fused::LogSoftmaxGather { temperature })
+        .unwrap();
+    assert_eq!(stats.dims(), [rows, 3]);
+    let scaled = (logits.as_tensor() / temperature).unwrap();
+    let log_probs = candle_nn::ops::log_softmax(&scaled, 1).unwrap();
+    let gathered = log_probs.gather(&targets, 1).unwrap();
+    assert!(max_diff(&stats.narrow(1, 0, 1).unwrap(), &gathered) < 1e-5);
+    let entropy = (log_probs.exp().unwrap() * &log_probs)
+        .unwrap()
+        .sum_keepdim(1)
+        .unwrap()
+        .neg()
+        .unwrap();
+    assert!(max_diff(&stats.narrow(1, 1, 1).unwrap(), &entropy) < 1e-5);
+    // logsumexp(z) = z - log_softmax(z), at any column.
+    let normalizer =
+        (scaled.narrow(1, 5, 1).unwrap() - log_probs.narrow(1, 5, 1).unwrap()).unwrap();
+    assert!(max_diff(&stats.narrow(1, 2, 1).unwrap(), &normalizer) < 1e-5);
+
+    // The gradient of sum(g * log-probs) with respect to the logits.
+    let upstream = Tensor::new(&[[1f32], [-2.0], [0.5], [3.0]], &Device::Cpu).unwrap();
+    let composite = grads_of(&gathered, &upstream, &[&logits]).remove(0);
+    let scale = (&upstream / temperature).unwrap();
+    let stats = Tensor::cat(&[&stats.narrow(1, 2, 1).unwrap(), &scale], 1).unwrap();
+    let op = fused::LogprobGrad {
+        temperature,
+        dtype: DType::F32,
+    };
+    let fused = logits
+        .as_tensor()
+        .apply_op3_no_bwd(&targets, &stats, &op)
+        .unwrap();
+    assert!(max_diff(&fused, &composite) < 1e-5);
+    assert!(
+        max_abs(&composite) > 0.1,
+        "the gradient is not trivially zero"
+    );
+}

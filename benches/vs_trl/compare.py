@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Side-by-side speed and memory of TRL's GRPOTrainer and `grpo train` on the CPU.
+"""Side-by-side speed and memory of TRL's GRPOTrainer and `grpo train`, on the CPU (float32) or
+on a CUDA GPU (`--device cuda`: bf16 compute on float32 weights on both sides).
 
 For each shape it makes the inputs (one prompts parquet, one model folder), runs TRL in its own
 process, then `grpo train` in its own process, on the same model folder, prompts and settings,
-and prints the ratio of median step times (first step excluded) and of peak memory.
+and prints the ratio of median step times (first step excluded) and of peak memory (and, on a
+GPU, of peak GPU memory).
 
 Run it with the Python of a venv that has torch, transformers, trl, datasets and pyarrow
 (requirements.txt); see README.md.
@@ -45,6 +47,11 @@ SHAPES = {
     "tiny": {"config": None, "prompts": 1, "generations": 16, "completion": 64, "steps": 6},
     "mid": {"config": HERE / "mid.json", "prompts": 1, "generations": 16, "completion": 64, "steps": 6},
     "qwen05b": {"config": HERE / "qwen05b.json", "prompts": 1, "generations": 4, "completion": 32, "steps": 4},
+    # The users' seed recipe (configs/qwen05b.toml) on a Qwen2.5-0.5B-shaped model: G = 16,
+    # 200-token completions, 4 micro-steps per optimizer step (one prompt each), grpo's
+    # forward_batch_size 8, and the recipe's optimiser settings (SEED below). For a GPU.
+    "seed": {"config": HERE / "qwen05b.json", "prompts": 1, "generations": 16, "completion": 200, "steps": 3,
+             "settings": "SEED"},
 }
 
 # Settings both sides get (TRL's GRPOConfig names, which grpo shares).
@@ -71,6 +78,30 @@ COMMON = {
     "bf16": False,
     "seed": 42,
 }
+
+
+# What the seed recipe (configs/qwen05b.toml) sets beyond COMMON, for the `seed` shape. Its
+# warmup (warmup_ratio 0.1) is left out: transformers 5 takes it as warmup_steps=0.1 and grpo as
+# warmup_ratio; it changes no step's work.
+SEED = {
+    "learning_rate": 5e-6,
+    "lr_scheduler_type": "cosine",
+    "adam_beta2": 0.99,
+    "weight_decay": 0.1,
+    "max_grad_norm": 0.1,
+    "gradient_accumulation_steps": 4,
+}
+SEED_GRPO_ONLY = {"forward_batch_size": 8}
+
+
+def settings(shape: str, device: str) -> dict:
+    """The settings both sides get for a shape on a device: COMMON, the seed recipe's for the
+    seed shape, bf16 on CUDA."""
+    out = dict(COMMON)
+    if SHAPES[shape].get("settings") == "SEED":
+        out.update(SEED)
+    out["bf16"] = device == "cuda"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,18 +222,36 @@ def _status_kib(pid: int, key: str) -> int | None:
     return None
 
 
-def run_measured(cmd, env, log_path: Path) -> dict:
+def gpu_memory_used_mib() -> int | None:
+    """Memory in use on GPU 0, from nvidia-smi (MiB), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10)
+        return int(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def run_measured(cmd, env, log_path: Path, gpu: bool = False, timeout: float | None = None) -> dict:
     """Runs cmd to completion, output to log_path. Peak memory: the largest VmHWM or VmRSS seen by
     polling /proc/<pid>/status every 20 ms. VmHWM is the kernel's exact peak since the process
     started or since its last reset (both sides reset it at each step start), so only a peak
-    followed by a reset within one polling interval can be missed."""
+    followed by a reset within one polling interval can be missed. With `gpu`, also the peak of
+    GPU 0's used memory above what was in use before the start (nvidia-smi every 100 ms: the
+    whole process's, CUDA context and allocator caches included). After `timeout` seconds the
+    process is killed and the run fails."""
     print("+", " ".join(str(c) for c in cmd), f"> {log_path}", flush=True)
     load_before = os.getloadavg()[0]
+    gpu_before = gpu_memory_used_mib() if gpu else None
+    if gpu and gpu_before is None:
+        raise SystemExit("--device cuda: nvidia-smi cannot read GPU 0's memory")
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT)
         peak = [0]
+        gpu_peak = [gpu_before or 0]
         done = threading.Event()
+        timed_out = threading.Event()
 
         def poll():
             while not done.is_set():
@@ -212,19 +261,40 @@ def run_measured(cmd, env, log_path: Path) -> dict:
                         peak[0] = v
                 time.sleep(0.02)
 
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
+        def poll_gpu():
+            while not done.is_set():
+                v = gpu_memory_used_mib()
+                if v is not None and v > gpu_peak[0]:
+                    gpu_peak[0] = v
+                time.sleep(0.1)
+
+        def kill():
+            timed_out.set()
+            proc.kill()
+
+        pollers = [threading.Thread(target=f, daemon=True) for f in ([poll, poll_gpu] if gpu else [poll])]
+        for poller in pollers:
+            poller.start()
+        killer = threading.Timer(timeout, kill) if timeout is not None else None
+        if killer is not None:
+            killer.start()
         _, status, _ = os.wait4(proc.pid, 0)
+        if killer is not None:
+            killer.cancel()
         done.set()
-        poller.join()
+        for poller in pollers:
+            poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
-        raise SystemExit(f"{cmd[0]} exited with {proc.returncode}; end of {log_path}:\n{tail}")
+        why = f"was killed after {timeout:.0f} s (--side-timeout)" if timed_out.is_set() else \
+            f"exited with {proc.returncode}"
+        raise SystemExit(f"{cmd[0]} {why}; end of {log_path}:\n{tail}")
     # Not ru_maxrss: it also counts the forked copy of this (large) Python process before exec.
     return {"wall_s": wall, "peak_rss_gib": peak[0] / 2**20, "load_before": load_before,
-            "load_after": os.getloadavg()[0]}
+            "load_after": os.getloadavg()[0],
+            "peak_gpu_gib": (gpu_peak[0] - gpu_before) / 1024 if gpu else None}
 
 
 def thread_env(threads: int) -> dict:
@@ -238,7 +308,8 @@ def thread_env(threads: int) -> dict:
     return env
 
 
-def run_grpo(grpo: Path, shape: str, model: Path, prompts: dict, steps: int, run_dir: Path, threads: int) -> dict:
+def run_grpo(grpo: Path, shape: str, model: Path, prompts: dict, steps: int, run_dir: Path, threads: int,
+             device: str = "cpu", timeout: float | None = None) -> dict:
     spec = SHAPES[shape]
     out = run_dir / "grpo_output"
     if out.exists():
@@ -250,7 +321,7 @@ def run_grpo(grpo: Path, shape: str, model: Path, prompts: dict, steps: int, run
         "dataset_answer_column": ANSWER_COLUMN,
         "system_prompt": SYSTEM_PROMPT,
         "reward_funcs": ["repetition_penalty"],
-        "device": "cpu",
+        "device": device,
         "output_dir": str(out),
         "max_steps": steps,
         "per_device_train_batch_size": spec["prompts"],  # grpo: prompts per micro-step
@@ -260,11 +331,13 @@ def run_grpo(grpo: Path, shape: str, model: Path, prompts: dict, steps: int, run
         "logging_steps": 1,
         "save_steps": 1_000_000,
         "report_to": "none",
-        **COMMON,
+        **settings(shape, device),
+        **(SEED_GRPO_ONLY if spec.get("settings") == "SEED" else {}),
     }
     toml_path = run_dir / "grpo.toml"
     toml_path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))
-    measured = run_measured([grpo, "train", "--config", toml_path], thread_env(threads), run_dir / "grpo.log")
+    measured = run_measured([grpo, "train", "--config", toml_path], thread_env(threads), run_dir / "grpo.log",
+                            gpu=device == "cuda", timeout=timeout)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps_out = []
     for i, row in enumerate(rows):
@@ -274,6 +347,7 @@ def run_grpo(grpo: Path, shape: str, model: Path, prompts: dict, steps: int, run
             "completion_length": row.get("completions/mean_length"),
             "step_peak_rss_gib": row.get("memory/peak_gib"),
             "num_tokens": row.get("num_tokens"),
+            "generation_tokens_per_s": row.get("generation/tokens_per_second"),
         }
         timing = {k.removeprefix("timing/"): v for k, v in row.items() if k.startswith("timing/")}
         step["timing"] = timing
@@ -300,7 +374,8 @@ def toml_value(v) -> str:
     return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
-def run_trl(shape: str, model: Path, prompts: dict, steps: int, run_dir: Path, threads: int) -> dict:
+def run_trl(shape: str, model: Path, prompts: dict, steps: int, run_dir: Path, threads: int,
+            device: str = "cpu", timeout: float | None = None) -> dict:
     spec = SHAPES[shape]
     out = run_dir / "trl_output"
     if out.exists():
@@ -316,11 +391,13 @@ def run_trl(shape: str, model: Path, prompts: dict, steps: int, run_dir: Path, t
         "per_device_train_batch_size": spec["prompts"] * spec["generations"],
         "num_generations": spec["generations"],
         "max_completion_length": spec["completion"],
-        "common": COMMON,
+        "device": device,
+        "common": settings(shape, device),
     }
     job_path = run_dir / "trl_job.json"
     job_path.write_text(json.dumps(job, indent=2))
-    measured = run_measured([sys.executable, __file__, "--trl-worker", job_path], thread_env(threads), run_dir / "trl.log")
+    measured = run_measured([sys.executable, __file__, "--trl-worker", job_path], thread_env(threads), run_dir / "trl.log",
+                            gpu=device == "cuda", timeout=timeout)
     result = json.loads((run_dir / "trl_result.json").read_text())
     return {**result, **measured}
 
@@ -401,6 +478,7 @@ def trl_worker(job_path: str) -> None:
             })
 
     common = job["common"]
+    on_gpu = job.get("device", "cpu") == "cuda"
     args = GRPOConfig(
         output_dir=job["output_dir"],
         max_steps=job["max_steps"],
@@ -409,8 +487,10 @@ def trl_worker(job_path: str) -> None:
         max_completion_length=job["max_completion_length"],
         gradient_checkpointing=False,
         fp16=False,
-        use_cpu=True,
+        use_cpu=not on_gpu,
         use_vllm=False,
+        # float32 weights; with bf16 (on the GPU) the Trainer computes under bf16 autocast, as
+        # grpo computes in bf16 on float32 master weights.
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
         logging_steps=1,
         save_strategy="no",
@@ -441,6 +521,11 @@ def trl_worker(job_path: str) -> None:
         # ProfilingContext records the global_step at entry, i.e. the step number minus one.
         raw = phases.get(s["step"] - 1, {})
         s["trl_profiling"] = raw
+        generate_time = raw.get("GRPOTrainer.transformers.generate")
+        if generate_time and s["completion_length"] is not None:
+            # One generation per optimizer step: every micro-step's completions at once.
+            completions = job["per_device_train_batch_size"] * common.get("gradient_accumulation_steps", 1)
+            s["generation_tokens_per_s"] = completions * s["completion_length"] / generate_time
         # The same four phases as grpo's timing/* keys. _prepare_inputs holds generation, the
         # reference model's log-probs and the rewards; TRL's own step_time is training_step
         # (_prepare_inputs, then the policy's forward, loss and backward); what is left of the
@@ -462,6 +547,7 @@ def trl_worker(job_path: str) -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "datasets": datasets.__version__},
         "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if on_gpu else None,
     }, indent=2))
 
 
@@ -475,60 +561,92 @@ def median_after_first(values):
     return statistics.median(rest) if rest else float("nan")
 
 
-def summarize(shape: str, trl: dict, grpo: dict) -> dict:
+SIDES = ("trl", "grpo")
+
+
+def summarize(shape: str, results: dict) -> dict:
+    """Medians and peaks of each side that ran (`results`: side -> run result), and the TRL /
+    grpo ratios when both did."""
     spec = SHAPES[shape]
     s = {"shape": shape, "prompts": spec["prompts"], "generations": spec["generations"],
-         "completion": spec["completion"]}
-    for side, r in (("trl", trl), ("grpo", grpo)):
+         "completion": spec["completion"], "sides": [side for side in SIDES if side in results]}
+    for side, r in results.items():
         times = [st["step_time"] for st in r["steps"]]
         s[f"{side}_step_times"] = times
         s[f"{side}_median_s"] = median_after_first(times)
         s[f"{side}_peak_rss_gib"] = r["peak_rss_gib"]
+        s[f"{side}_peak_gpu_gib"] = r.get("peak_gpu_gib")
         s[f"{side}_step_peak_rss_gib"] = max((st["step_peak_rss_gib"] or 0.0) for st in r["steps"])
         s[f"{side}_completion_length"] = statistics.mean(
             st["completion_length"] for st in r["steps"] if st["completion_length"] is not None)
         tokens = [st["num_tokens"] for st in r["steps"] if st["num_tokens"] is not None]
         s[f"{side}_tokens_per_step"] = (tokens[-1] / len(tokens)) if tokens else None
+        s[f"{side}_generation_tokens_per_s"] = median_after_first(
+            [st.get("generation_tokens_per_s") for st in r["steps"]])
         s[f"{side}_wall_s"] = r["wall_s"]
         s[f"{side}_load"] = [r["load_before"], r["load_after"]]
         phase_names = sorted({k for st in r["steps"] for k in st.get("phases", {})})
         s[f"{side}_phases_median_s"] = {
             k: median_after_first([st.get("phases", {}).get(k) for st in r["steps"]]) for k in phase_names}
-    s["speed_ratio"] = s["trl_median_s"] / s["grpo_median_s"]
-    s["memory_ratio"] = s["trl_peak_rss_gib"] / s["grpo_peak_rss_gib"]
-    s["step_memory_ratio"] = s["trl_step_peak_rss_gib"] / s["grpo_step_peak_rss_gib"]
+    if len(results) == len(SIDES):
+        s["speed_ratio"] = s["trl_median_s"] / s["grpo_median_s"]
+        s["memory_ratio"] = s["trl_peak_rss_gib"] / s["grpo_peak_rss_gib"]
+        s["step_memory_ratio"] = s["trl_step_peak_rss_gib"] / s["grpo_step_peak_rss_gib"]
+        if s["grpo_peak_gpu_gib"]:
+            s["gpu_memory_ratio"] = s["trl_peak_gpu_gib"] / s["grpo_peak_gpu_gib"]
     return s
 
 
+def cell(s: dict, key: str, spec: str = ".3f", unit: str = "") -> str:
+    v = s.get(key)
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:{spec}}{unit}"
+
+
 def markdown(summaries: list[dict], meta: dict) -> str:
+    gpu = meta.get("device") == "cuda"
+    where = f"GPU: {meta.get('gpu', '?')}; " if gpu else ""
     lines = [
-        f"Machine: {meta['cpu']}, {meta['nproc']} CPUs, {meta['mem_gib']:.0f} GiB RAM; threads per side: "
+        f"{where}Machine: {meta['cpu']}, {meta['nproc']} CPUs, {meta['mem_gib']:.0f} GiB RAM; threads per side: "
         f"{meta['threads']}; load average before: {meta['load_before']}, after: {meta['load_after']}",
-        f"Date: {meta['date']}; grpo binary built {meta.get('grpo_binary_mtime', '?')}, tree {meta['grpo_commit']}; TRL {meta['versions'].get('trl')}, transformers "
-        f"{meta['versions'].get('transformers')}, torch {meta['versions'].get('torch')}; Python {meta['python']}",
+        f"Date: {meta['date']}; device {meta.get('device', 'cpu')} ({'bf16 compute' if gpu else 'float32'}); grpo binary "
+        f"built {meta.get('grpo_binary_mtime', '?')}, tree {meta['grpo_commit']}; TRL {meta['versions'].get('trl')}, "
+        f"transformers {meta['versions'].get('transformers')}, torch {meta['versions'].get('torch')}; Python {meta['python']}",
         "",
-        "| shape (prompts x G x new tokens) | steps | TRL s/step | grpo s/step | TRL / grpo time | "
-        "TRL peak RSS | grpo peak RSS | TRL / grpo memory | mean completion length TRL / grpo | tokens per step TRL / grpo |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    header = ("| shape (prompts x G x new tokens) | steps | TRL s/step | grpo s/step | TRL / grpo time | "
+              "TRL peak RSS | grpo peak RSS | TRL / grpo memory |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if gpu:
+        header += " TRL peak GPU memory | grpo peak GPU memory | TRL / grpo GPU memory |"
+        rule += "---:|---:|---:|"
+    header += " generation tokens/s TRL / grpo | mean completion length TRL / grpo | tokens per step TRL / grpo |"
+    rule += "---:|---:|---:|"
+    lines += [header, rule]
     for s in summaries:
-        lines.append(
-            f"| {s['shape']} ({s['prompts']} x {s['generations']} x {s['completion']}) | {len(s['trl_step_times'])} | "
-            f"{s['trl_median_s']:.3f} | {s['grpo_median_s']:.3f} | **{s['speed_ratio']:.2f}** | "
-            f"{s['trl_peak_rss_gib']:.2f} GiB | {s['grpo_peak_rss_gib']:.2f} GiB | **{s['memory_ratio']:.2f}** | "
-            f"{s['trl_completion_length']:.1f} / {s['grpo_completion_length']:.1f} | "
-            f"{fmt(s['trl_tokens_per_step'])} / {fmt(s['grpo_tokens_per_step'])} |"
-        )
+        steps = max(len(s.get(f"{side}_step_times", [])) for side in s["sides"])
+        row = (f"| {s['shape']} ({s['prompts']} x {s['generations']} x {s['completion']}) | {steps} | "
+               f"{cell(s, 'trl_median_s')} | {cell(s, 'grpo_median_s')} | **{cell(s, 'speed_ratio', '.2f')}** | "
+               f"{cell(s, 'trl_peak_rss_gib', '.2f', ' GiB')} | {cell(s, 'grpo_peak_rss_gib', '.2f', ' GiB')} | "
+               f"**{cell(s, 'memory_ratio', '.2f')}** |")
+        if gpu:
+            row += (f" {cell(s, 'trl_peak_gpu_gib', '.2f', ' GiB')} | {cell(s, 'grpo_peak_gpu_gib', '.2f', ' GiB')} | "
+                    f"**{cell(s, 'gpu_memory_ratio', '.2f')}** |")
+        row += (f" {cell(s, 'trl_generation_tokens_per_s', '.0f')} / {cell(s, 'grpo_generation_tokens_per_s', '.0f')} | "
+                f"{cell(s, 'trl_completion_length', '.1f')} / {cell(s, 'grpo_completion_length', '.1f')} | "
+                f"{cell(s, 'trl_tokens_per_step', '.0f')} / {cell(s, 'grpo_tokens_per_step', '.0f')} |")
+        lines.append(row)
     lines += ["", "Peak memory during training steps only (VmHWM reset at each step start; max over steps):", "",
               "| shape | TRL | grpo | TRL / grpo |", "|---|---:|---:|---:|"]
     for s in summaries:
-        lines.append(f"| {s['shape']} | {s['trl_step_peak_rss_gib']:.2f} GiB | {s['grpo_step_peak_rss_gib']:.2f} GiB | "
-                     f"{s['step_memory_ratio']:.2f} |")
+        lines.append(f"| {s['shape']} | {cell(s, 'trl_step_peak_rss_gib', '.2f', ' GiB')} | "
+                     f"{cell(s, 'grpo_step_peak_rss_gib', '.2f', ' GiB')} | {cell(s, 'step_memory_ratio', '.2f')} |")
     lines += ["", "Per-step times (s), first step included:", ""]
     for s in summaries:
-        lines.append(f"- {s['shape']}: TRL {fmt_list(s['trl_step_times'])}; grpo {fmt_list(s['grpo_step_times'])} "
-                     f"(1-minute load average before / after: TRL {fmt_list(s['trl_load'], 2)}, "
-                     f"grpo {fmt_list(s['grpo_load'], 2)})")
+        parts = [f"{side} {fmt_list(s[f'{side}_step_times'])} (1-minute load average before / after "
+                 f"{fmt_list(s[f'{side}_load'], 2)})" for side in s["sides"]]
+        lines.append(f"- {s['shape']}: " + "; ".join(parts))
     lines += ["", "Phase medians (s/step, first step excluded). grpo: its `timing/*` keys (`reference+rewards` is "
               "`timing/reference` + `timing/rewards`). TRL: `generation` is its `transformers.generate` profiling "
               "time, `reference+rewards` the rest of `_prepare_inputs`, `policy` the rest of `training_step` "
@@ -537,7 +655,7 @@ def markdown(summaries: list[dict], meta: dict) -> str:
     names = ["generation", "reference+rewards", "policy", "optimizer"]
     lines += ["| shape | side | " + " | ".join(names) + " | other keys |", "|---|---|" + "---:|" * len(names) + "---|"]
     for s in summaries:
-        for side in ("trl", "grpo"):
+        for side in s["sides"]:
             ph = s[f"{side}_phases_median_s"]
             if not ph:
                 continue
@@ -545,10 +663,6 @@ def markdown(summaries: list[dict], meta: dict) -> str:
             other = ", ".join(f"`{k}` {v:.3f}" for k, v in ph.items() if k not in names)
             lines.append(f"| {s['shape']} | {side} | " + " | ".join(cells) + f" | {other} |")
     return "\n".join(lines) + "\n"
-
-
-def fmt(v):
-    return "-" if v is None else f"{v:.0f}"
 
 
 def fmt_list(values, digits=3):
@@ -598,9 +712,14 @@ def main() -> None:
     p.add_argument("--shapes", default="tiny,mid,qwen05b", help="comma-separated: " + ",".join(SHAPES))
     p.add_argument("--steps", default=None,
                    help="optimizer steps per side: N for every shape, or shape=N,... "
-                        "(default tiny=6,mid=6,qwen05b=4); the first step is left out of the median")
+                        "(default tiny=6,mid=6,qwen05b=4,seed=3); the first step is left out of the median")
     p.add_argument("--out", type=Path, default=REPO / "target" / "vs_trl", help="results and work folder")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of each side")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (float32) or cuda (GPU 0, bf16 compute on float32 weights, peak GPU memory measured)")
+    p.add_argument("--sides", default="trl,grpo", help="which sides to run: trl,grpo (default), trl or grpo")
+    p.add_argument("--side-timeout", type=float, default=None,
+                   help="seconds after which a side's process is killed and the run fails (default: none)")
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.trl_worker:
@@ -614,6 +733,9 @@ def main() -> None:
     for s in shapes:
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; known: {', '.join(SHAPES)}")
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    if not sides or any(s not in SIDES for s in sides):
+        raise SystemExit(f"--sides: expected trl, grpo or both, got {a.sides!r}")
     steps = parse_steps(a.steps)
     out = a.out.resolve()
     work = out / "work"
@@ -622,11 +744,18 @@ def main() -> None:
     snapshot = work / "grpo"
     shutil.copy2(grpo, snapshot)
     meta = machine_meta(a.threads, grpo)
+    meta["device"] = a.device
+    if a.device == "cuda":
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader",
+                              "-i", "0"], capture_output=True, text=True)
+        if gpu.returncode != 0:
+            raise SystemExit(f"--device cuda: nvidia-smi failed: {gpu.stderr.strip()}")
+        meta["gpu"] = gpu.stdout.strip()
     meta["grpo_binary_mtime"] = datetime.datetime.fromtimestamp(grpo.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
     grpo = snapshot
     print(f"machine: {meta['cpu']}, load average {meta['load_before']}", flush=True)
 
-    prompts = prepare_prompts(grpo, work, GOLDEN, min_rows=max(steps[s] for s in shapes) * 2)
+    prompts = prepare_prompts(grpo, work, GOLDEN, min_rows=max(steps[s] * micro_steps(s, a.device) for s in shapes) * 2)
     print(f"prompts: {prompts['rows']} questions, each {prompts['prompt_tokens']} prompt tokens", flush=True)
 
     summaries = []
@@ -638,17 +767,24 @@ def main() -> None:
         model = prepare_model(grpo, shape, work)
         run_dir = work / "runs" / shape
         run_dir.mkdir(parents=True, exist_ok=True)
-        trl = run_trl(shape, model, prompts, steps[shape], run_dir, a.threads)
-        versions = trl["versions"]
-        print(f"TRL: step times {fmt_list([s['step_time'] for s in trl['steps']])}, peak RSS "
-              f"{trl['peak_rss_gib']:.2f} GiB", flush=True)
-        grpo_result = run_grpo(grpo, shape, model, prompts, steps[shape], run_dir, a.threads)
-        print(f"grpo: step times {fmt_list([s['step_time'] for s in grpo_result['steps']])}, peak RSS "
-              f"{grpo_result['peak_rss_gib']:.2f} GiB", flush=True)
-        s = summarize(shape, trl, grpo_result)
-        print(f"{shape}: TRL {s['trl_median_s']:.3f} s/step, grpo {s['grpo_median_s']:.3f} s/step, "
-              f"TRL/grpo time {s['speed_ratio']:.2f}; peak RSS TRL {s['trl_peak_rss_gib']:.2f} GiB, grpo "
-              f"{s['grpo_peak_rss_gib']:.2f} GiB, TRL/grpo {s['memory_ratio']:.2f}", flush=True)
+        results = {}
+        if "trl" in sides:
+            trl = run_trl(shape, model, prompts, steps[shape], run_dir, a.threads, a.device, a.side_timeout)
+            versions = trl["versions"]
+            results["trl"] = trl
+            print(f"TRL: step times {fmt_list([s['step_time'] for s in trl['steps']])}, peak RSS "
+                  f"{trl['peak_rss_gib']:.2f} GiB", flush=True)
+        if "grpo" in sides:
+            grpo_result = run_grpo(grpo, shape, model, prompts, steps[shape], run_dir, a.threads, a.device,
+                                   a.side_timeout)
+            results["grpo"] = grpo_result
+            print(f"grpo: step times {fmt_list([s['step_time'] for s in grpo_result['steps']])}, peak RSS "
+                  f"{grpo_result['peak_rss_gib']:.2f} GiB", flush=True)
+        s = summarize(shape, results)
+        if "speed_ratio" in s:
+            print(f"{shape}: TRL {s['trl_median_s']:.3f} s/step, grpo {s['grpo_median_s']:.3f} s/step, "
+                  f"TRL/grpo time {s['speed_ratio']:.2f}; peak RSS TRL {s['trl_peak_rss_gib']:.2f} GiB, grpo "
+                  f"{s['grpo_peak_rss_gib']:.2f} GiB, TRL/grpo {s['memory_ratio']:.2f}", flush=True)
         summaries.append(s)
         (run_dir / "summary.json").write_text(json.dumps(s, indent=2))
 
@@ -657,10 +793,15 @@ def main() -> None:
     meta["prompt_tokens"] = prompts["prompt_tokens"]
     md = markdown(summaries, meta)
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "common": COMMON, "shapes": summaries}, indent=2,
-                                                 default=str))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "common": COMMON, "seed": SEED, "shapes": summaries},
+                                                 indent=2, default=str))
     print("\n" + md)
     print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+
+
+def micro_steps(shape: str, device: str) -> int:
+    """Prompts one optimizer step uses: prompts per micro-step times micro-steps."""
+    return SHAPES[shape]["prompts"] * settings(shape, device)["gradient_accumulation_steps"]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 //! Fused CPU kernels of the forward (linear layers, RMSNorm, rotary embeddings, softmax, the
 //! attention softmax, SwiGLU, splitting and merging heads), each a candle custom op WITH a
 //! backward pass that is itself one kernel or one matmul per input, so they are fast and still
-//! differentiable; and [`FewRowsMatmul`], the forward-only product of decoding.
+//! differentiable; [`FewRowsMatmul`], the forward-only product of decoding; and the per-token
+//! log-probs with their gradient ([`LogSoftmaxGather`], [`LogprobGrad`]).
+//!
+//! RMSNorm, rotary embeddings, the softmaxes (with their backward ops) and the log-prob ops also
+//! run on CUDA, in f32 or bf16 storage: their `cuda_fwd` launches the kernels of
+//! `kernels/fused.cu` as [`super::kernels`] describes.
 //!
 //! Why fused: candle's backward gives every graph node a zero-filled gradient buffer and adds the
 //! node's gradient into it, views (reshape, transpose) included, so a layer composed of
@@ -11,9 +16,14 @@
 //! the threads (rayon) above 32 K elements; every output element is computed
 //! by one thread, so results do not depend on the thread count.
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
+
+#[cfg(feature = "cuda")]
+use super::kernels;
 
 /// The f32 slice of a contiguous CPU tensor argument.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -24,6 +34,49 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: the input must be contiguous"),
     }
+}
+
+/// Runs the CUDA kernels of `plan` on `inputs` (all of one dtype, f32 or bf16, which the output
+/// gets), the result shaped `shape`.
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    plan: Result<kernels::Plan>,
+    inputs: &[(&CudaStorage, &Layout)],
+    shape: Shape,
+    op: &str,
+) -> Result<(CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let dtype = inputs[0].0.dtype();
+    if inputs.iter().any(|(storage, _)| storage.dtype() != dtype) {
+        bail!("{op}: the inputs must have one dtype");
+    }
+    Ok((kernels::run(&plan?, dtype, inputs)?, shape))
+}
+
+/// `(rows, width)` of RMSNorm's `x` `[.., width]` and `weight` `[width]`.
+fn rms_norm_dims(x: &Layout, weight: &Layout) -> Result<(usize, usize)> {
+    let width = weight.shape().elem_count();
+    if x.dims().last() != Some(&width) || width == 0 {
+        bail!("fused-rms-norm: x {:?} vs weight [{width}]", x.dims());
+    }
+    Ok((x.shape().elem_count() / width, width))
+}
+
+/// The u32 slice of a contiguous CPU tensor argument.
+fn contiguous_u32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [u32]> {
+    let CpuStorage::U32(data) = storage else {
+        bail!("{op}: the targets must be u32");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: the targets must be contiguous"),
+    }
+}
+
+/// `(rows, width)` of a tensor softmaxed over its last dimension.
+fn rows_of(layout: &Layout) -> (usize, usize) {
+    let width = layout.dims().last().copied().unwrap_or(1).max(1);
+    (layout.shape().elem_count() / width, width)
 }
 
 /// `weight * x / sqrt(mean(x^2) + eps)` over the last dimension.
@@ -43,16 +96,9 @@ impl CustomOp2 for RmsNorm {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let (_, width) = rms_norm_dims(x_layout, weight_layout)?;
         let x_data = contiguous_f32(x, x_layout, self.name())?;
         let weight = contiguous_f32(weight, weight_layout, self.name())?;
-        let width = weight.len();
-        if x_layout.dims().last() != Some(&width) {
-            bail!(
-                "{}: x {:?} vs weight [{width}]",
-                self.name(),
-                x_layout.dims()
-            );
-        }
         let mut out = vec![0f32; x_data.len()];
         for_each_row(&mut out, x_data, width, |out_row, row| {
             let scale = inverse_rms(row, self.eps);
@@ -61,6 +107,23 @@ impl CustomOp2 for RmsNorm {
             }
         });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        weight: &CudaStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, width) = rms_norm_dims(x_layout, weight_layout)?;
+        run_cuda(
+            kernels::rms_norm(rows, width, self.eps),
+            &[(x, x_layout), (weight, weight_layout)],
+            x_layout.shape().clone(),
+            self.name(),
+        )
     }
 
     fn bwd(
@@ -177,6 +240,33 @@ impl CustomOp3 for RmsNormBackward {
         }
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, width))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        weight: &CudaStorage,
+        weight_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, width) = rms_norm_dims(x_layout, weight_layout)?;
+        if grad_layout.dims() != x_layout.dims() {
+            bail!(
+                "{}: grad {:?} vs x {:?}",
+                self.name(),
+                grad_layout.dims(),
+                x_layout.dims()
+            );
+        }
+        run_cuda(
+            kernels::rms_norm_backward(rows, width, self.eps),
+            &[(x, x_layout), (weight, weight_layout), (grad, grad_layout)],
+            Shape::from((rows + 1, width)),
+            self.name(),
+        )
+    }
 }
 
 /// Rotary embedding `x * cos + rotate_half(x) * sin` for `x` `[b, heads, t, d]` and tables
@@ -212,6 +302,26 @@ impl CustomOp3 for Rope {
         sin_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         rope_kernel(x, x_layout, cos, cos_layout, sin, sin_layout, self.adjoint)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        cos: &CudaStorage,
+        cos_layout: &Layout,
+        sin: &CudaStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, heads, t, d) = Rope::check(x_layout, cos_layout)?;
+        Rope::check(x_layout, sin_layout)?;
+        run_cuda(
+            kernels::rope(b, heads, t, d, self.adjoint),
+            &[(x, x_layout), (cos, cos_layout), (sin, sin_layout)],
+            x_layout.shape().clone(),
+            self.name(),
+        )
     }
 
     fn bwd(
@@ -286,7 +396,7 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let data = contiguous_f32(x, layout, self.name())?;
-        let width = layout.dims().last().copied().unwrap_or(1);
+        let (_, width) = rows_of(layout);
         let mut out = vec![0f32; data.len()];
         for_each_row(&mut out, data, width, |out_row, row| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -301,6 +411,17 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, width) = rows_of(layout);
+        run_cuda(
+            kernels::softmax(rows, width),
+            &[(x, layout)],
+            layout.shape().clone(),
+            self.name(),
+        )
+    }
+
     fn bwd(&self, _x: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad_out
             .contiguous()?
@@ -311,8 +432,8 @@ impl CustomOp1 for Softmax {
 
 /// The gradient of [`Softmax`] (scaled by `scale`, for [`AttentionSoftmax`]),
 /// `dx = scale * y * (g - sum(g * y))` per row, as a custom op over `(grad_out, y)`.
-struct SoftmaxBackward {
-    scale: f32,
+pub struct SoftmaxBackward {
+    pub scale: f32,
 }
 
 impl CustomOp2 for SoftmaxBackward {
@@ -329,7 +450,7 @@ impl CustomOp2 for SoftmaxBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let grad = contiguous_f32(grad, grad_layout, self.name())?;
         let y = contiguous_f32(y, y_layout, self.name())?;
-        let width = y_layout.dims().last().copied().unwrap_or(1);
+        let (_, width) = rows_of(y_layout);
         // The output starts as a copy of g and is rewritten row by row.
         let mut out = grad.to_vec();
         let scale = self.scale;
@@ -341,6 +462,31 @@ impl CustomOp2 for SoftmaxBackward {
         });
         Ok((CpuStorage::F32(out), y_layout.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+        y: &CudaStorage,
+        y_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if grad_layout.dims() != y_layout.dims() {
+            bail!(
+                "{}: grad {:?} vs y {:?}",
+                self.name(),
+                grad_layout.dims(),
+                y_layout.dims()
+            );
+        }
+        let (rows, width) = rows_of(y_layout);
+        run_cuda(
+            kernels::softmax_backward(rows, width, self.scale),
+            &[(grad, grad_layout), (y, y_layout)],
+            y_layout.shape().clone(),
+            self.name(),
+        )
+    }
 }
 
 /// The attention softmax, `softmax(scores * scale + bias)` over the last dimension, as one
@@ -351,6 +497,23 @@ impl CustomOp2 for SoftmaxBackward {
 /// gradient (it comes from the mask).
 pub struct AttentionSoftmax {
     pub scale: f32,
+}
+
+impl AttentionSoftmax {
+    /// `(batch, rows per item, t, s)` of `scores` and `bias`, checked.
+    fn dims(scores: &Layout, bias: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let dims = scores.dims();
+        let (bias_batch, _, t, s) = bias.shape().dims4()?;
+        let batch = dims.first().copied().unwrap_or(0);
+        let rows = scores.shape().elem_count() / (batch * s).max(1);
+        if dims.last() != Some(&s) || bias_batch != batch || t == 0 || rows % t != 0 {
+            bail!(
+                "fused-attention-softmax: scores {dims:?} vs bias {:?}",
+                bias.dims()
+            );
+        }
+        Ok((batch, rows, t, s))
+    }
 }
 
 impl CustomOp2 for AttentionSoftmax {
@@ -366,17 +529,7 @@ impl CustomOp2 for AttentionSoftmax {
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let dims = scores_layout.dims();
-        let (bias_batch, _, t, s) = bias_layout.shape().dims4()?;
-        let batch = dims.first().copied().unwrap_or(0);
-        let rows = scores_layout.shape().elem_count() / (batch * s).max(1);
-        if dims.last() != Some(&s) || bias_batch != batch || t == 0 || rows % t != 0 {
-            bail!(
-                "{}: scores {dims:?} vs bias {:?}",
-                self.name(),
-                bias_layout.dims()
-            );
-        }
+        let (_, rows, t, s) = AttentionSoftmax::dims(scores_layout, bias_layout)?;
         let scores = contiguous_f32(scores, scores_layout, self.name())?;
         let bias = contiguous_f32(bias, bias_layout, self.name())?;
         let mut out = vec![0f32; scores.len()];
@@ -402,6 +555,23 @@ impl CustomOp2 for AttentionSoftmax {
                 out.iter_mut().for_each(|o| *o *= inv);
             });
         Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        scores: &CudaStorage,
+        scores_layout: &Layout,
+        bias: &CudaStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (batch, rows, t, s) = AttentionSoftmax::dims(scores_layout, bias_layout)?;
+        run_cuda(
+            kernels::attention_softmax(batch, rows, t, s, self.scale),
+            &[(scores, scores_layout), (bias, bias_layout)],
+            scores_layout.shape().clone(),
+            self.name(),
+        )
     }
 
     fn bwd(
@@ -881,6 +1051,193 @@ impl CustomOp1 for MergeHeads {
             grad_out
                 .contiguous()?
                 .apply_op1_no_bwd(&SplitHeads { heads })?,
+        ))
+    }
+}
+
+/// Per-token log-probs at a temperature as TRL computes them, `log_softmax(logits / T)` at each
+/// row's target, with the entropy of the row's distribution and its log-normaliser
+/// `Z = logsumexp(logits / T)`, in one pass over the logits and without a graph: inputs f32
+/// `logits` `[rows, vocab]` and u32 `targets` (`rows` of them, any shape), output `[rows, 3]`
+/// f32 `(log p(target), entropy, Z)`. [`LogprobGrad`] is the log-probs' gradient. The logits
+/// are scaled by `1 / T` rounded to f32, as `logits / T` on a tensor does.
+pub struct LogSoftmaxGather {
+    pub temperature: f64,
+}
+
+/// `1 / temperature` as the logits are multiplied by it.
+fn inverse_temperature(temperature: f64) -> f32 {
+    (1.0 / temperature) as f32
+}
+
+/// `(rows, vocab)` of logits `[rows, vocab]` and `rows` targets.
+fn logit_rows(logits: &Layout, targets: &Layout, op: &str) -> Result<(usize, usize)> {
+    let (rows, vocab) = logits.shape().dims2()?;
+    if targets.shape().elem_count() != rows || vocab == 0 {
+        bail!(
+            "{op}: logits {:?} vs targets {:?}",
+            logits.dims(),
+            targets.dims()
+        );
+    }
+    Ok((rows, vocab))
+}
+
+impl CustomOp2 for LogSoftmaxGather {
+    fn name(&self) -> &'static str {
+        "fused-log-softmax-gather"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (rows, vocab) = logit_rows(logits_layout, targets_layout, self.name())?;
+        let logits = contiguous_f32(logits, logits_layout, self.name())?;
+        let targets = contiguous_u32(targets, targets_layout, self.name())?;
+        if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+            bail!(
+                "{}: target {bad} is outside the vocabulary of {vocab}",
+                self.name()
+            );
+        }
+        let scale = inverse_temperature(self.temperature);
+        let mut out = vec![0f32; rows * 3];
+        out.par_chunks_mut(3)
+            .zip(logits.par_chunks(vocab))
+            .zip(targets.par_iter())
+            .for_each(|((out, row), &target)| {
+                let best = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+                let (mut total, mut weighted) = (0f32, 0f32);
+                for &v in row {
+                    let shifted = v * scale - best;
+                    let e = shifted.exp();
+                    total += e;
+                    weighted += e * shifted;
+                }
+                // (z - max) - log(sum), as log_softmax computes it.
+                let log_total = total.ln();
+                out[0] = (row[target as usize] * scale - best) - log_total;
+                out[1] = log_total - weighted / total;
+                out[2] = best + log_total;
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, 3))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        logits_layout: &Layout,
+        targets: &CudaStorage,
+        targets_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::DType;
+        let (rows, vocab) = logit_rows(logits_layout, targets_layout, self.name())?;
+        if logits.dtype() != DType::F32 || targets.dtype() != DType::U32 {
+            bail!("{}: needs f32 logits and u32 targets", self.name());
+        }
+        let plan = kernels::log_softmax_gather(rows, vocab, inverse_temperature(self.temperature))?;
+        let inputs = [(logits, logits_layout), (targets, targets_layout)];
+        Ok((
+            kernels::run(&plan, DType::F32, &inputs)?,
+            Shape::from((rows, 3)),
+        ))
+    }
+}
+
+/// The gradient of [`LogSoftmaxGather`]'s log-probs with respect to the logits, for an upstream
+/// gradient `g` per row: `(onehot(target) - softmax(logits / T)) * g / T`, from the f32 logits
+/// `[rows, vocab]`, the u32 targets and f32 `stats` `[rows, 2]` = `(Z, g / T)` (`Z` as
+/// [`LogSoftmaxGather`] returned it). Output `[rows, vocab]`: in `dtype` (f32 or bf16; the
+/// matmuls' compute dtype) on CUDA, in f32 on the CPU (callers cast).
+pub struct LogprobGrad {
+    pub temperature: f64,
+    pub dtype: candle_core::DType,
+}
+
+impl LogprobGrad {
+    fn check_stats(stats: &Layout, rows: usize) -> Result<()> {
+        if stats.dims() != [rows, 2] {
+            bail!(
+                "fused-logprob-grad: stats {:?}, want [{rows}, 2]",
+                stats.dims()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp3 for LogprobGrad {
+    fn name(&self) -> &'static str {
+        "fused-logprob-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+        stats: &CpuStorage,
+        stats_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = logit_rows(logits_layout, targets_layout, self.name())?;
+        LogprobGrad::check_stats(stats_layout, rows)?;
+        let logits = contiguous_f32(logits, logits_layout, self.name())?;
+        let targets = contiguous_u32(targets, targets_layout, self.name())?;
+        let stats = contiguous_f32(stats, stats_layout, self.name())?;
+        use rayon::prelude::*;
+        let inverse = inverse_temperature(self.temperature);
+        let mut out = vec![0f32; rows * vocab];
+        out.par_chunks_mut(vocab)
+            .zip(logits.par_chunks(vocab))
+            .enumerate()
+            .for_each(|(r, (out, row))| {
+                let (normalizer, scale) = (stats[2 * r], stats[2 * r + 1]);
+                let target = targets[r] as usize;
+                for (column, (o, &v)) in out.iter_mut().zip(row).enumerate() {
+                    let onehot = if column == target { 1.0 } else { 0.0 };
+                    *o = (onehot - (v * inverse - normalizer).exp()) * scale;
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, vocab))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        logits_layout: &Layout,
+        targets: &CudaStorage,
+        targets_layout: &Layout,
+        stats: &CudaStorage,
+        stats_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::DType;
+        let (rows, vocab) = logit_rows(logits_layout, targets_layout, self.name())?;
+        LogprobGrad::check_stats(stats_layout, rows)?;
+        if logits.dtype() != DType::F32
+            || targets.dtype() != DType::U32
+            || stats.dtype() != DType::F32
+        {
+            bail!("{}: needs f32 logits and stats, u32 targets", self.name());
+        }
+        let plan = kernels::logprob_grad(rows, vocab, inverse_temperature(self.temperature))?;
+        let inputs = [
+            (logits, logits_layout),
+            (targets, targets_layout),
+            (stats, stats_layout),
+        ];
+        Ok((
+            kernels::run(&plan, self.dtype, &inputs)?,
+            Shape::from((rows, vocab)),
         ))
     }
 }

@@ -2,18 +2,22 @@
 //! them: `log_softmax(logits / T)` gathered at the next token, in f32, 0 where the completion
 //! mask is 0.
 //!
-//! Logits are produced in chunks of [`CHUNK_ROWS`] positions (lm_head → / T → log_softmax →
-//! gather), so no `[batch, seq, vocab]` tensor is ever built whole, not even for the backward
-//! pass: the values are computed without a graph and attached to the hidden states and the
-//! lm_head weight by [`LmHeadLogprob`], a custom op whose backward reuses the forward's softmax
-//! when all of it fits in [`CACHED_PROBS_ELEMENTS`] and otherwise recomputes each chunk's. Entropies come from the same pass, without a gradient.
+//! Logits are produced in chunks of [`CHUNK_ROWS`] positions (lm_head, then one fused op for
+//! `/ T`, log-softmax, gather and entropy: [`fused::LogSoftmaxGather`]), so no
+//! `[batch, seq, vocab]` tensor is ever built whole, not even for the backward pass: the values
+//! are computed without a graph and attached to the hidden states and the lm_head weight by
+//! [`LmHeadLogprob`], a custom op whose backward turns each chunk's logits into their gradient
+//! in one fused op ([`fused::LogprobGrad`]), reusing the forward's logits when all of them fit
+//! in [`CACHED_LOGITS_ELEMENTS`] and otherwise recomputing them. Entropies come from the same
+//! pass, without a gradient. Both fused ops have CUDA kernels.
 //!
 //! The lm_head matmuls (forward and backward) run in the model's compute dtype; logits,
 //! log-softmax, softmax and the weight gradient's accumulation are f32, and the gradients
 //! reach the hidden states and the (f32) weight in their own dtypes.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::fused;
 use super::qwen2::{group_index, logits, GroupedBatch, Qwen2};
 
 /// Positions per lm_head chunk (a 152k vocabulary makes each chunk ~600 MB of f32 logits).
@@ -29,22 +33,25 @@ pub struct TokenLogprobs {
 
 /// `log_softmax(hidden @ weight^T / T)[target]` per row, as a custom op over
 /// `(hidden [n, h], weight [V, h], values [n])`: the forward passes the precomputed `values`
-/// through; the backward recomputes the logits chunk by chunk and returns
-/// `d hidden = G @ W` and `d weight = G^T @ hidden` with `G = (onehot - softmax) * g / T`.
+/// through; the backward takes the logits chunk by chunk and returns
+/// `d hidden = G @ W` and `d weight = G^T @ hidden` with `G = (onehot - softmax) * g / T`
+/// ([`fused::LogprobGrad`]).
 struct LmHeadLogprob {
     /// `[n, 1]` u32 target ids.
     targets: Tensor,
+    /// `[n]` f32: each row's `logsumexp(logits / T)` from the forward.
+    normalizers: Tensor,
     temperature: f64,
     /// The dtype of the backward's matmuls.
     compute_dtype: DType,
-    /// The forward's softmax of each chunk, kept when small enough
-    /// ([`CACHED_PROBS_ELEMENTS`]) so the backward need not recompute the logits.
-    probs: Option<Vec<Tensor>>,
+    /// The forward's logits of each chunk, kept when small enough
+    /// ([`CACHED_LOGITS_ELEMENTS`]) so the backward need not recompute them.
+    logits: Option<Vec<Tensor>>,
 }
 
-/// Most `rows × vocab` probabilities the forward keeps for the backward (128 MiB of f32); beyond
-/// that the backward recomputes each chunk's logits.
-const CACHED_PROBS_ELEMENTS: usize = 32 << 20;
+/// Most `rows × vocab` logits the forward keeps for the backward (128 MiB of f32); beyond that
+/// the backward recomputes each chunk's.
+const CACHED_LOGITS_ELEMENTS: usize = 32 << 20;
 
 impl CustomOp3 for LmHeadLogprob {
     fn name(&self) -> &'static str {
@@ -107,21 +114,28 @@ impl CustomOp3 for LmHeadLogprob {
         for start in (0..rows).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(rows - start);
             let hidden_chunk = hidden.detach().narrow(0, start, len)?.to_dtype(compute)?;
-            let probs = match &self.probs {
+            let logits = match &self.logits {
                 Some(chunks) => chunks[start / CHUNK_ROWS].clone(),
-                None => {
-                    let logits = (logits(&hidden_chunk, &compute_weight)? / self.temperature)?;
-                    candle_nn::ops::softmax_last_dim(&logits)?
-                }
+                None => logits(&hidden_chunk, &compute_weight)?.contiguous()?,
             };
-            let scale =
-                (grad_out.narrow(0, start, len)?.detach().reshape((len, 1))? / self.temperature)?;
-            let onehot = probs.zeros_like()?.scatter_add(
-                &self.targets.narrow(0, start, len)?,
-                &Tensor::ones((len, 1), DType::F32, probs.device())?,
-                1,
-            )?;
-            let grad_logits = (onehot - probs)?.broadcast_mul(&scale)?.to_dtype(compute)?;
+            let scale = (grad_out
+                .narrow(0, start, len)?
+                .detach()
+                .to_dtype(DType::F32)?
+                .reshape((len, 1))?
+                / self.temperature)?;
+            let normalizers = self.normalizers.narrow(0, start, len)?.reshape((len, 1))?;
+            let stats = Tensor::cat(&[&normalizers, &scale], 1)?;
+            let grad_logits = logits
+                .apply_op3_no_bwd(
+                    &self.targets.narrow(0, start, len)?.contiguous()?,
+                    &stats,
+                    &fused::LogprobGrad {
+                        temperature: self.temperature,
+                        dtype: compute,
+                    },
+                )?
+                .to_dtype(compute)?;
             grad_hidden.push(
                 grad_logits
                     .matmul(&compute_weight)?
@@ -172,44 +186,37 @@ pub fn token_logprobs(
         .lm_head_weight()
         .detach()
         .to_dtype(model.compute_dtype())?;
-    let mut logprob_chunks = Vec::new();
-    let mut entropy_chunks = Vec::new();
     let vocab = compute_weight.dim(0)?;
-    let keep_probs = hidden_rows.track_op() && rows * vocab <= CACHED_PROBS_ELEMENTS;
-    let mut prob_chunks = Vec::new();
+    let keep_logits = hidden_rows.track_op() && rows * vocab <= CACHED_LOGITS_ELEMENTS;
+    let mut stat_chunks = Vec::new();
+    let mut logit_chunks = Vec::new();
+    let op = fused::LogSoftmaxGather { temperature };
     for start in (0..rows).step_by(CHUNK_ROWS) {
         let len = CHUNK_ROWS.min(rows - start);
-        let logits = (logits(&detached.narrow(0, start, len)?, &compute_weight)? / temperature)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        logprob_chunks.push(log_probs.gather(&target_rows.narrow(0, start, len)?, 1)?);
-        if with_entropy || keep_probs {
-            let probs = log_probs.exp()?;
-            if with_entropy {
-                entropy_chunks.push((&probs * &log_probs)?.sum_keepdim(1)?.neg()?);
-            }
-            if keep_probs {
-                prob_chunks.push(probs);
-            }
+        let logits = logits(&detached.narrow(0, start, len)?, &compute_weight)?.contiguous()?;
+        let targets = target_rows.narrow(0, start, len)?.contiguous()?;
+        // [len, 3]: log-prob, entropy, log-normaliser.
+        stat_chunks.push(logits.apply_op2_no_bwd(&targets, &op)?);
+        if keep_logits {
+            logit_chunks.push(logits);
         }
     }
-    let values = Tensor::cat(&logprob_chunks, 0)?.reshape(rows)?.copy()?;
+    let stats = Tensor::cat(&stat_chunks, 0)?;
+    let values = stats.narrow(1, 0, 1)?.reshape(rows)?.copy()?;
     let logprobs = hidden_rows.apply_op3(
         &model.lm_head_weight().contiguous()?,
         &values,
         LmHeadLogprob {
             targets: target_rows,
+            normalizers: stats.narrow(1, 2, 1)?.reshape(rows)?.contiguous()?,
             temperature,
             compute_dtype: model.compute_dtype(),
-            probs: keep_probs.then_some(prob_chunks),
+            logits: keep_logits.then_some(logit_chunks),
         },
     )?;
     let mask = mask.to_dtype(DType::F32)?;
     let entropy = if with_entropy {
-        Some(
-            Tensor::cat(&entropy_chunks, 0)?
-                .reshape((b, c))?
-                .mul(&mask)?,
-        )
+        Some(stats.narrow(1, 1, 1)?.reshape((b, c))?.mul(&mask)?)
     } else {
         None
     };
@@ -283,11 +290,11 @@ pub fn grouped_completion_logprobs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     /// Gradients of `sum(op(hidden, weight) * upstream)` for hidden and weight, with the
-    /// forward's probabilities handed to the backward or recomputed there.
-    fn gradients(keep_probs: bool) -> (Tensor, Tensor) {
+    /// forward's logits handed to the backward or recomputed there.
+    fn gradients(keep_logits: bool) -> (Tensor, Tensor) {
         let device = Device::Cpu;
         let (rows, width, vocab, temperature) = (6, 8, 11, 0.7);
         // Deterministic inputs, the same for both calls.
@@ -299,20 +306,26 @@ mod tests {
         let hidden = table(rows, width, 0.0);
         let weight = table(vocab, width, 0.3);
         let targets = Tensor::new(&[[3u32], [0], [10], [5], [5], [1]], &device).unwrap();
-        let logits = (hidden.matmul(&weight.t().unwrap()).unwrap() / temperature).unwrap();
-        let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
-        let values = candle_nn::ops::log_softmax(&logits, D::Minus1)
-            .unwrap()
+        let logits = hidden.matmul(&weight.t().unwrap()).unwrap().detach();
+        let scaled = (&logits / temperature).unwrap();
+        let log_probs = candle_nn::ops::log_softmax(&scaled, D::Minus1).unwrap();
+        let values = log_probs
             .gather(&targets, 1)
             .unwrap()
             .reshape(rows)
             .unwrap()
             .detach();
+        // logsumexp(z) = z - log_softmax(z), at any column.
+        let normalizers = (scaled.narrow(1, 0, 1).unwrap() - log_probs.narrow(1, 0, 1).unwrap())
+            .unwrap()
+            .reshape(rows)
+            .unwrap();
         let op = LmHeadLogprob {
             targets,
+            normalizers,
             temperature,
             compute_dtype: DType::F32,
-            probs: keep_probs.then(|| vec![probs.detach()]),
+            logits: keep_logits.then(|| vec![logits.clone()]),
         };
         let out = hidden.as_tensor().apply_op3(&weight, &values, op).unwrap();
         let upstream = Tensor::new(&[1f32, -2.0, 0.5, 3.0, -1.0, 0.25], &device).unwrap();
@@ -329,7 +342,7 @@ mod tests {
     }
 
     #[test]
-    fn kept_and_recomputed_probabilities_give_the_same_gradients() {
+    fn kept_and_recomputed_logits_give_the_same_gradients() {
         let (kept_hidden, kept_weight) = gradients(true);
         let (hidden, weight) = gradients(false);
         let diff = |a: &Tensor, b: &Tensor| -> f32 {

@@ -3,10 +3,12 @@
 //! activation.
 //!
 //! Every function here records a backward graph when its inputs come from `Var`s (candle's fast
-//! `rms_norm`, `rope` and `softmax_last_dim` kernels do not, so they are not used). RMSNorm,
-//! rotary embeddings and softmax run as fused custom ops with a backward ([`super::fused`]) for
-//! f32 CPU tensors, and as their composite forms (`*_composite`, the reference the fused ops
-//! are tested against) elsewhere.
+//! `rms_norm`, `rope` and `softmax_last_dim` kernels do not, so they are not used). Every op
+//! runs as a fused custom op with a backward ([`super::fused`]) for f32 CPU tensors; RMSNorm,
+//! rotary embeddings and the softmaxes also for f32 and bf16 CUDA tensors (CUDA kernels,
+//! [`super::kernels`]). Elsewhere (CUDA linear layers, SwiGLU and head permutes; other dtypes)
+//! they run as their composite forms (`*_composite`, the reference the fused ops are tested
+//! against).
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -16,6 +18,14 @@ use super::fused;
 /// Whether the fused CPU kernels apply to `x`.
 fn fused_applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Whether the fused ops that also have CUDA kernels apply to `x` and `others` (one dtype): on
+/// the CPU in f32, on CUDA in f32 or bf16.
+fn fused_kernels_apply(x: &Tensor, others: &[&Tensor]) -> bool {
+    let device_fits =
+        fused_applies(x) || (x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16));
+    device_fits && others.iter().all(|t| t.dtype() == x.dtype())
 }
 
 /// Additive attention bias for masked keys: large, negative and finite, so that a fully masked
@@ -80,7 +90,7 @@ pub fn linear_composite(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 /// RMSNorm over the last dimension as transformers computes it in f32:
 /// `weight * x / sqrt(mean(x^2) + eps)`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_applies(x) {
+    if fused_kernels_apply(x, &[weight]) {
         let eps = eps as f32;
         return x
             .contiguous()?
@@ -114,7 +124,7 @@ pub fn rope_tables(position_ids: &Tensor, head_dim: usize, theta: f64) -> Result
 /// Applies rotary embeddings to `x` `[b, heads, t, head_dim]` with tables from [`rope_tables`]:
 /// `x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fused_applies(x) {
+    if fused_kernels_apply(x, &[cos, sin]) {
         let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
         return x
             .contiguous()?
@@ -151,7 +161,7 @@ pub fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `scores` `[b, kv_heads, per_kv * t, s]` (the query heads sharing a key head grouped in
 /// blocks of `t` rows), `bias` `[b, 1, t, s]` added to every block.
 pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if fused_applies(scores) && fused_applies(bias) {
+    if fused_kernels_apply(scores, &[bias]) {
         let op = fused::AttentionSoftmax {
             scale: scale as f32,
         };
@@ -202,7 +212,7 @@ pub fn merge_heads_composite(x: &Tensor) -> Result<Tensor> {
 
 /// Softmax over the last dimension (differentiable).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if fused_applies(x) {
+    if fused_kernels_apply(x, &[]) {
         return x.contiguous()?.apply_op1(fused::Softmax);
     }
     softmax_composite(x)
