@@ -225,3 +225,92 @@ fn print_config_shows_chat_template_kwargs_and_reserved_names_are_refused() {
         .stderr(predicates::str::contains("chat_template_kwargs"))
         .stderr(predicates::str::contains("add_generation_prompt"));
 }
+
+/// LoRA on Qwen3 through the binary: `use_peft` trains adapters on all seven projections of
+/// every layer (never on q_norm / k_norm, which stay frozen), and `grpo merge` writes a Qwen3
+/// folder (q_norm / k_norm included, as the base has them) whose logits are those of the base
+/// with the trained adapter.
+#[test]
+fn lora_trains_and_merges_a_qwen3_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let out = dir.path().join("lora");
+    let lora = [
+        "use_peft=true",
+        "lora_r=2",
+        r#"lora_target_modules="all-linear""#,
+        "learning_rate=0.05",
+    ];
+    grpo()
+        .arg("train")
+        .args(tiny_run(&qwen3_dir(), &data, &out, &lora))
+        .assert()
+        .success();
+    let adapter = grpo::model::AdapterFolder::read(&out).unwrap();
+    let layers = ModelFiles::resolve(qwen3_dir().to_str().unwrap(), "main")
+        .unwrap()
+        .config
+        .num_hidden_layers;
+    assert_eq!(
+        adapter.weights.len(),
+        layers * 7 * 2,
+        "A and B of 7 modules per layer"
+    );
+    assert!(adapter.weights.keys().all(|k| !k.contains("norm")));
+    let trained_b = adapter
+        .weights
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .filter(|(_, t)| common::flat_f64(t).iter().any(|&v| v != 0.0))
+        .count();
+    assert!(trained_b > 0, "the adapters trained");
+
+    let merged = dir.path().join("merged");
+    grpo()
+        .args(["merge", "--adapter"])
+        .arg(&out)
+        .arg("--out")
+        .arg(&merged)
+        .assert()
+        .success();
+    let merged_files = ModelFiles::resolve(merged.to_str().unwrap(), "main").unwrap();
+    assert_eq!(merged_files.config.family, ModelFamily::Qwen3);
+    let base_weights = weights(&qwen3_dir().join("model.safetensors"));
+    let merged_weights = weights(&merged.join("model.safetensors"));
+    assert_eq!(
+        base_weights.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        merged_weights.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        "every tensor of the base, by the same names"
+    );
+    for ((name, base), (_, merged)) in base_weights.iter().zip(&merged_weights) {
+        if name.contains("norm") {
+            assert_eq!(base, merged, "{name} is frozen");
+        }
+    }
+
+    let base_files = ModelFiles::resolve(qwen3_dir().to_str().unwrap(), "main").unwrap();
+    let with_adapter = Qwen2::load_base(&base_files, &Device::Cpu, candle_core::DType::F32)
+        .unwrap()
+        .with_adapters(adapter.spec, adapter.weights)
+        .unwrap();
+    let merged_model = Qwen2::load_reference(&merged_files, &Device::Cpu).unwrap();
+    let base_model = Qwen2::load_reference(&base_files, &Device::Cpu).unwrap();
+    let ids = candle_core::Tensor::new(&[[3u32, 17, 42, 5, 99, 7]], &Device::Cpu).unwrap();
+    let mask = ids.ones_like().unwrap();
+    let logits = |model: &Qwen2| {
+        model
+            .lm_head(&model.forward_masked(&ids, &mask).unwrap())
+            .unwrap()
+    };
+    let want = logits(&with_adapter);
+    let scale = common::max_abs_diff(&want, &want.zeros_like().unwrap());
+    let merged_diff = common::max_abs_diff(&logits(&merged_model), &want);
+    assert!(
+        merged_diff <= 1e-5 * scale.max(1.0),
+        "merged vs adapter logits differ by {merged_diff}"
+    );
+    assert!(
+        common::max_abs_diff(&logits(&base_model), &want) > 100.0 * merged_diff.max(1e-7),
+        "the adapter changes the logits"
+    );
+}
