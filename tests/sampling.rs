@@ -1,7 +1,8 @@
 //! `sampling::generate` on the golden tiny model: greedy decoding with the KV cache against the
 //! argmax of full forwards, reproducible seeds, stopping at EOS with padding and truncation
 //! flags, first-token frequencies against the model's softmax, and the same completions when
-//! the batch is sharded over workers.
+//! the batch is sharded over workers; the processors of the chooser and of `choose_on_device`
+//! against transformers'.
 
 mod common;
 
@@ -9,7 +10,8 @@ use candle_core::{Device, IndexOp, Tensor};
 use grpo::model::{ModelFiles, Qwen2};
 use grpo::prompt::ChatTokenizer;
 use grpo::sampling::{
-    generate, generate_on, Completions, GenerationSpec, SamplingParams, TokenChooser,
+    choose_on_device, generate, generate_on, Completions, GenerationSpec, SamplingParams,
+    TokenChooser,
 };
 use grpo::workers::Workers;
 
@@ -374,52 +376,77 @@ fn non_finite_logits_are_an_error_not_a_token() {
     }
 }
 
-/// The processors against transformers' own (`generate`'s processor list) on fixed logits:
-/// `tests/fixtures/sampling/processors.json`, written by the pinned script beside it.
-#[test]
-fn processors_match_transformers_on_fixed_logits() {
+/// One case of `tests/fixtures/sampling/processors.json`: transformers' own processors
+/// (`generate`'s processor list) on fixed logits, written by the pinned script beside it.
+struct ProcessorCase {
+    name: String,
+    params: SamplingParams,
+    logits: Vec<f32>,
+    history: Vec<u32>,
+    /// The processed logits; `None` for a removed token.
+    scores: Vec<Option<f64>>,
+    /// The distribution transformers samples from.
+    probs: Vec<f64>,
+}
+
+fn processor_cases() -> Vec<ProcessorCase> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/sampling/processors.json");
     let fixture: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
+    cases
+        .iter()
+        .map(|case| {
+            let settings = &case["settings"];
+            let number = |key: &str, default: f64| settings[key].as_f64().unwrap_or(default);
+            let floats = |key: &str| -> Vec<Option<f64>> {
+                case[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64())
+                    .collect()
+            };
+            ProcessorCase {
+                name: case["name"].as_str().unwrap().to_string(),
+                params: SamplingParams {
+                    temperature: match settings["do_sample"].as_bool().unwrap() {
+                        true => Some(number("temperature", 1.0) as f32),
+                        false => None,
+                    },
+                    top_k: number("top_k", 0.0) as usize,
+                    top_p: number("top_p", 1.0) as f32,
+                    min_p: number("min_p", 0.0) as f32,
+                    repetition_penalty: number("repetition_penalty", 1.0) as f32,
+                },
+                logits: floats("logits")
+                    .into_iter()
+                    .map(|v| v.unwrap() as f32)
+                    .collect(),
+                history: case["history"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect(),
+                scores: floats("scores"),
+                probs: floats("probs").into_iter().map(Option::unwrap).collect(),
+            }
+        })
+        .collect()
+}
+
+/// The chooser's processors against transformers' on fixed logits.
+#[test]
+fn processors_match_transformers_on_fixed_logits() {
     let eps = f64::from(f32::EPSILON);
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let settings = &case["settings"];
-        let number = |key: &str, default: f64| settings[key].as_f64().unwrap_or(default);
-        let params = SamplingParams {
-            temperature: match settings["do_sample"].as_bool().unwrap() {
-                true => Some(number("temperature", 1.0) as f32),
-                false => None,
-            },
-            top_k: number("top_k", 0.0) as usize,
-            top_p: number("top_p", 1.0) as f32,
-            min_p: number("min_p", 0.0) as f32,
-            repetition_penalty: number("repetition_penalty", 1.0) as f32,
-        };
-        let floats = |key: &str| -> Vec<Option<f64>> {
-            case[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64())
-                .collect()
-        };
-        let logits: Vec<f32> = floats("logits")
-            .into_iter()
-            .map(|v| v.unwrap() as f32)
-            .collect();
-        let history: Vec<u32> = case["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let mut scores = logits.clone();
-        TokenChooser::new(params, 0).process(&mut scores, &history);
-        for (i, (got, want)) in scores.iter().zip(floats("scores")).enumerate() {
+    for case in processor_cases() {
+        let name = &case.name;
+        let mut scores = case.logits.clone();
+        TokenChooser::new(case.params, 0).process(&mut scores, &case.history);
+        for (i, (got, want)) in scores.iter().zip(&case.scores).enumerate() {
             match want {
                 None => assert_eq!(*got, f32::NEG_INFINITY, "{name}: token {i} is removed"),
                 Some(want) => {
@@ -435,20 +462,60 @@ fn processors_match_transformers_on_fixed_logits() {
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f64> = scores.iter().map(|&x| f64::from(x - max).exp()).collect();
         let total: f64 = weights.iter().sum();
-        let want_probs: Vec<f64> = floats("probs").into_iter().map(Option::unwrap).collect();
-        for (i, (w, want)) in weights.iter().zip(&want_probs).enumerate() {
+        for (i, (w, want)) in weights.iter().zip(&case.probs).enumerate() {
             assert!(
                 (w / total - want).abs() <= 1e-6,
                 "{name}: token {i} probability {} vs transformers {want}",
                 w / total
             );
         }
-        let mut chooser = TokenChooser::new(params, 11);
+        let mut chooser = TokenChooser::new(case.params, 11);
         for _ in 0..200 {
-            let token = chooser.choose(&mut logits.clone(), &history) as usize;
+            let token = chooser.choose(&mut case.logits.clone(), &case.history) as usize;
             assert!(
-                want_probs[token] > 0.0,
+                case.probs[token] > 0.0,
                 "{name}: drew removed token {token}"
+            );
+        }
+    }
+}
+
+/// `choose_on_device` (the choice on a GPU, here on the CPU device) against transformers'
+/// processors: rows of the same logits drawn with evenly spaced uniform numbers `(j + 1/2) / N`
+/// pick each token as often as its probability says, within one row in N (an inverse CDF);
+/// greedy decoding picks the best processed score.
+#[test]
+fn the_device_choice_draws_transformers_distribution() {
+    const N: usize = 1000;
+    for case in processor_cases() {
+        let name = &case.name;
+        let vocab = case.logits.len();
+        let logits = Tensor::new(case.logits.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((N, 1))
+            .unwrap();
+        let histories = vec![case.history.as_slice(); N];
+        let uniforms: Vec<f64> = (0..N).map(|j| (j as f64 + 0.5) / N as f64).collect();
+        let tokens = choose_on_device(&logits, &histories, &uniforms, case.params)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        if case.params.temperature.is_none() {
+            let best = (0..vocab)
+                .max_by(|&a, &b| case.scores[a].partial_cmp(&case.scores[b]).unwrap())
+                .unwrap();
+            assert!(tokens.iter().all(|&t| t as usize == best), "{name}");
+            continue;
+        }
+        let mut counts = vec![0usize; vocab];
+        tokens.iter().for_each(|&t| counts[t as usize] += 1);
+        for (i, (&count, &want)) in counts.iter().zip(&case.probs).enumerate() {
+            let got = count as f64 / N as f64;
+            assert!(
+                (got - want).abs() <= 1.0 / N as f64 + 1e-6 && (want > 0.0 || count == 0),
+                "{name}: token {i} drawn {count} times in {N}, transformers' probability {want}"
             );
         }
     }
