@@ -20,7 +20,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::grpo::{grpo_loss, ImportanceSamplingLevel, LossInputs, LossParams, LossType};
+use crate::grpo::{grpo_loss, LossInputs, LossParams, LossType};
 use crate::model::{
     completion_logprobs, grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2,
 };
@@ -462,21 +462,14 @@ fn check_grpo(
         (LossType::Dapo, "dapo"),
     ] {
         let logp = grouped_completion_logprobs(policy, &batch, temperature, false)?.logprobs;
-        let params = LossParams {
+        let params = LossParams::new(
             loss_type,
             beta,
-            epsilon_low: golden.f64("grpo.epsilon_low")?,
-            epsilon_high: golden.f64("grpo.epsilon_high")?,
-            max_completion_length: golden.usize("grpo.max_completion_length")?,
-            num_items_in_batch: num_items,
-            gradient_accumulation_steps: 1,
-            steps_per_generation: 1,
-            use_bias_correction_kl: false,
-            importance_sampling_level: ImportanceSamplingLevel::Token,
-            delta: None,
-            sapo_temperature_pos: 1.0,
-            sapo_temperature_neg: 1.05,
-        };
+            golden.f64("grpo.epsilon_low")?,
+            golden.f64("grpo.epsilon_high")?,
+            golden.usize("grpo.max_completion_length")?,
+            num_items,
+        );
         let inputs = LossInputs {
             logp: &logp,
             old_logp: &logp.detach(),

@@ -380,6 +380,36 @@ pub struct LossParams {
     pub use_bias_correction_kl: bool,
 }
 
+impl LossParams {
+    /// A loss of `loss_type` over one micro-batch that is its own generation and optimizer
+    /// step, with TRL's defaults for the rest: token-level ratios, no `delta`, sapo
+    /// temperatures 1.0 and 1.05, no bias-corrected KL.
+    pub fn new(
+        loss_type: LossType,
+        beta: f64,
+        epsilon_low: f64,
+        epsilon_high: f64,
+        max_completion_length: usize,
+        num_items_in_batch: usize,
+    ) -> Self {
+        Self {
+            loss_type,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            beta,
+            epsilon_low,
+            epsilon_high,
+            delta: None,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            max_completion_length,
+            num_items_in_batch,
+            gradient_accumulation_steps: 1,
+            steps_per_generation: 1,
+            use_bias_correction_kl: false,
+        }
+    }
+}
+
 /// The tensors of one micro-batch, all `[B, C]` except `advantages` (`[B]`).
 #[derive(Debug, Clone, Copy)]
 pub struct LossInputs<'a> {

@@ -8,9 +8,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use grpo::grpo::{
     chunk_grpo_loss, group_advantages, grpo_loss, masked_mean, rewards_agree, weighted_rewards,
-    CompletionBatch, CompletionLengthMetrics, DynamicSamplingMetrics, GrpoLoss,
-    ImportanceSamplingLevel, LossInputs, LossMetrics, LossParams, LossType, MicroBatchSize,
-    RewardMetrics, ScaleRewards, StepMetrics,
+    CompletionBatch, CompletionLengthMetrics, DynamicSamplingMetrics, GrpoLoss, LossInputs,
+    LossMetrics, LossParams, LossType, MicroBatchSize, RewardMetrics, ScaleRewards, StepMetrics,
 };
 use serde_json::Value;
 
@@ -101,21 +100,14 @@ impl Golden {
             self.case["metrics"]["num_items_in_batch"].as_u64().unwrap(),
             "num_items_in_batch"
         );
-        LossParams {
+        LossParams::new(
             loss_type,
-            beta: self.case["beta"].as_f64().unwrap(),
-            epsilon_low: self.case["epsilon_low"].as_f64().unwrap(),
-            epsilon_high: self.case["epsilon_high"].as_f64().unwrap(),
-            max_completion_length: self.case["max_completion_length"].as_u64().unwrap() as usize,
-            num_items_in_batch: num_items,
-            gradient_accumulation_steps: 1,
-            steps_per_generation: 1,
-            use_bias_correction_kl: false,
-            importance_sampling_level: ImportanceSamplingLevel::Token,
-            delta: None,
-            sapo_temperature_pos: 1.0,
-            sapo_temperature_neg: 1.05,
-        }
+            self.case["beta"].as_f64().unwrap(),
+            self.case["epsilon_low"].as_f64().unwrap(),
+            self.case["epsilon_high"].as_f64().unwrap(),
+            self.case["max_completion_length"].as_u64().unwrap() as usize,
+            num_items,
+        )
     }
 
     /// The loss with `grpo.policy_logps` as a trainable variable and ratio 1 (one iteration).
@@ -896,21 +888,7 @@ fn clipping_off_policy_ratios() {
     let mask = Tensor::from_vec(vec![1f32, 1., 1., 0., 1., 1., 1., 0.], (2, 4), &device).unwrap();
     // Row 0 has a positive advantage, row 1 a negative one.
     let advantages = Tensor::new(&[2f32, -1.0], &device).unwrap();
-    let params = LossParams {
-        loss_type: LossType::Bnpo,
-        beta: 0.0,
-        epsilon_low: 0.2,
-        epsilon_high: 0.28,
-        max_completion_length: 4,
-        num_items_in_batch: 6,
-        gradient_accumulation_steps: 1,
-        steps_per_generation: 1,
-        use_bias_correction_kl: false,
-        importance_sampling_level: ImportanceSamplingLevel::Token,
-        delta: None,
-        sapo_temperature_pos: 1.0,
-        sapo_temperature_neg: 1.05,
-    };
+    let params = LossParams::new(LossType::Bnpo, 0.0, 0.2, 0.28, 4, 6);
     let inputs = LossInputs {
         logp: logp.as_tensor(),
         old_logp: &old_logp,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use grpo::grpo::{grpo_loss, ImportanceSamplingLevel, LossInputs, LossParams, LossType};
+use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
 use grpo::model::{
     grouped_completion_logprobs, AdapterFolder, GroupedBatch, LoraSpec, ModelFiles, Qwen2,
 };
@@ -109,21 +109,14 @@ fn golden_loss(policy: &Qwen2, batch: &Batch) -> Tensor {
     let cases = lora_cases();
     let logp = logprobs(policy, batch);
     let ref_logp = logprobs(&policy.without_adapters().unwrap(), batch);
-    let params = LossParams {
-        loss_type: LossType::Grpo,
-        beta: cases["beta"].as_f64().unwrap(),
-        epsilon_low: cases["epsilon"].as_f64().unwrap(),
-        epsilon_high: cases["epsilon"].as_f64().unwrap(),
-        max_completion_length: batch.mask.dim(1).unwrap(),
-        num_items_in_batch: batch.mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize,
-        gradient_accumulation_steps: 1,
-        steps_per_generation: 1,
-        use_bias_correction_kl: false,
-        importance_sampling_level: ImportanceSamplingLevel::Token,
-        delta: None,
-        sapo_temperature_pos: 1.0,
-        sapo_temperature_neg: 1.05,
-    };
+    let params = LossParams::new(
+        LossType::Grpo,
+        cases["beta"].as_f64().unwrap(),
+        cases["epsilon"].as_f64().unwrap(),
+        cases["epsilon"].as_f64().unwrap(),
+        batch.mask.dim(1).unwrap(),
+        batch.mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize,
+    );
     let inputs = LossInputs {
         logp: &logp,
         old_logp: &logp.detach(),

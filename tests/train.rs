@@ -364,65 +364,103 @@ fn max_relative_update_diff(
     diff / scale
 }
 
-/// `forward_batch_size` and `cpu_workers` change how completions are fed to the
-/// forward/backward, not the loss, the gradients or the metrics: slices of a group (1), one
-/// group (2) and two groups (4) of a micro-batch of 3 prompts x 2 completions, and those chunks
-/// (or, with `forward_batch_size = 0`, one group per chunk) shared by 2 or 3 worker threads
-/// that also sample the completions in shards, train like one pass over all 6 on one worker,
-/// for each loss type. `num_iterations = 2` makes step 2 retrain on step 1's completions (so both runs see
-/// the same completions) with off-policy ratios. A large `adam_epsilon` makes AdamW's update
+/// Settings under which chunking must not change training: a micro-batch of 3 prompts x 2
+/// completions; `num_iterations = 2` makes step 2 retrain on step 1's completions (so both runs
+/// see the same completions) with off-policy ratios; a large `adam_epsilon` makes AdamW's update
 /// nearly linear in the gradient (`lr * g / (|g| + eps)`), so comparing updates compares
 /// gradients instead of AdamW's amplified signs of gradients that are 0 up to rounding.
+const CHUNKING_SETTINGS: [&str; 7] = [
+    "per_device_train_batch_size=3",
+    "gradient_accumulation_steps=1",
+    "num_iterations=2",
+    "max_steps=2",
+    "save_steps=100",
+    "learning_rate=0.5",
+    "adam_epsilon=1.0",
+];
+
+/// A run with [`CHUNKING_SETTINGS`] and `extra`: its config, metrics and the trained tensors of
+/// `weights_file` in its output folder.
+struct ChunkingRun {
+    cfg: grpo::config::Config,
+    metrics: Vec<serde_json::Value>,
+    weights: Vec<(String, Vec<f32>)>,
+}
+
+impl ChunkingRun {
+    fn new(extra: &[&str], weights_file: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), &[&CHUNKING_SETTINGS[..], extra].concat());
+        grpo::train::train(&cfg).unwrap();
+        let out = dir.path().join("out");
+        Self {
+            metrics: metrics(&out),
+            weights: weights(&out.join(weights_file)),
+            cfg,
+        }
+    }
+
+    /// Asserts that `self` trained as `one_pass` did from the `initial` weights: the metrics
+    /// `keys` agree up to float32 reordering (the loss sums O(1) per-token terms to near 0:
+    /// f32 noise is ~1e-7 absolute), and so do the weight updates.
+    fn assert_trains_as(
+        &self,
+        one_pass: &ChunkingRun,
+        initial: &[(String, Vec<f32>)],
+        keys: &[&str],
+        what: &str,
+    ) {
+        for (whole, chunked) in one_pass.metrics.iter().zip(&self.metrics) {
+            for &key in keys {
+                let (x, y) = (value(whole, key), value(chunked, key));
+                assert!(
+                    (x - y).abs() <= 1e-6 + 1e-5 * x.abs(),
+                    "{what}: {key} {y} vs {x} in one pass"
+                );
+            }
+        }
+        let diff = max_relative_update_diff(initial, &one_pass.weights, &self.weights);
+        assert!(
+            diff < 1e-4,
+            "{what}: weight updates differ by {diff} (relative)"
+        );
+    }
+}
+
+/// `forward_batch_size` and `cpu_workers` change how completions are fed to the
+/// forward/backward, not the loss, the gradients or the metrics: slices of a group (1), one
+/// group (2) and two groups (4) of the micro-batch of [`CHUNKING_SETTINGS`], and those chunks
+/// (or, with `forward_batch_size = 0`, one group per chunk) shared by 2 or 3 worker threads
+/// that also sample the completions in shards, train like one pass over all 6 on one worker,
+/// for each loss type.
 #[test]
 fn forward_batch_size_and_cpu_workers_change_neither_loss_nor_gradients() {
+    let initial = weights(&golden_dir().join("model.safetensors"));
     for loss_type in ["grpo", "bnpo", "dr_grpo", "dapo"] {
         let run = |forward_batch_size: usize, cpu_workers: usize| {
-            let dir = tempfile::tempdir().unwrap();
-            let cfg = config(
-                dir.path(),
+            ChunkingRun::new(
                 &[
-                    "per_device_train_batch_size=3",
-                    "gradient_accumulation_steps=1",
-                    "num_iterations=2",
-                    "max_steps=2",
-                    "save_steps=100",
-                    "learning_rate=0.5",
-                    "adam_epsilon=1.0",
                     &format!("loss_type={loss_type}"),
                     &format!("forward_batch_size={forward_batch_size}"),
                     &format!("cpu_workers={cpu_workers}"),
                 ],
-            );
-            grpo::train::train(&cfg).unwrap();
-            let out = dir.path().join("out");
-            (metrics(&out), weights(&out.join("model.safetensors")))
+                "model.safetensors",
+            )
         };
-        let initial = weights(&golden_dir().join("model.safetensors"));
-        let (whole_metrics, whole_weights) = run(0, 1);
+        let whole = run(0, 1);
         for (size, workers) in [(1, 1), (2, 1), (4, 1), (0, 2), (1, 3)] {
-            let what = format!("{loss_type}, forward_batch_size = {size}, cpu_workers = {workers}");
-            let (chunked_metrics, chunked_weights) = run(size, workers);
-            for (whole, chunked) in whole_metrics.iter().zip(&chunked_metrics) {
-                for key in [
+            run(size, workers).assert_trains_as(
+                &whole,
+                &initial,
+                &[
                     "loss",
                     "grad_norm",
                     "kl",
                     "entropy",
                     "clip_ratio/region_mean",
                     "reward",
-                ] {
-                    let (x, y) = (whole[key].as_f64().unwrap(), chunked[key].as_f64().unwrap());
-                    // The loss sums O(1) per-token terms to near 0: f32 noise is ~1e-7 absolute.
-                    assert!(
-                        (x - y).abs() <= 1e-6 + 1e-5 * x.abs(),
-                        "{what}: {key} {y} vs {x} in one pass"
-                    );
-                }
-            }
-            let diff = max_relative_update_diff(&initial, &whole_weights, &chunked_weights);
-            assert!(
-                diff < 1e-4,
-                "{what}: weight updates differ by {diff} (relative)"
+                ],
+                &format!("{loss_type}, forward_batch_size = {size}, cpu_workers = {workers}"),
             );
         }
     }
@@ -967,48 +1005,26 @@ fn lora_and_full_checkpoints_do_not_mix() {
 }
 
 /// With LoRA (dropout 0) `forward_batch_size` changes neither the loss nor the adapters'
-/// gradients either: one group per chunk trains like one pass (see
-/// `forward_batch_size_changes_neither_loss_nor_gradients` for the settings' reasons).
+/// gradients either: one group per chunk trains like one pass.
 #[test]
 fn lora_forward_batch_size_changes_neither_loss_nor_gradients() {
     let run = |forward_batch_size: usize| {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(
-            dir.path(),
+        ChunkingRun::new(
             &[
                 "use_peft=true",
                 "lora_dropout=0.0",
-                "per_device_train_batch_size=3",
-                "gradient_accumulation_steps=1",
-                "num_iterations=2",
-                "max_steps=2",
-                "save_steps=100",
-                "learning_rate=0.5",
-                "adam_epsilon=1.0",
                 &format!("forward_batch_size={forward_batch_size}"),
             ],
-        );
-        grpo::train::train(&cfg).unwrap();
-        let out = dir.path().join("out");
-        (
-            metrics(&out),
-            weights(&out.join("adapter_model.safetensors")),
-            cfg,
+            "adapter_model.safetensors",
         )
     };
-    let (whole_metrics, whole, cfg) = run(0);
-    let (chunked_metrics, chunked, _) = run(2);
-    for (a, b) in whole_metrics.iter().zip(&chunked_metrics) {
-        for key in ["loss", "grad_norm", "kl", "entropy"] {
-            let (x, y) = (value(a, key), value(b, key));
-            assert!((x - y).abs() <= 1e-6 + 1e-5 * x.abs(), "{key}: {y} vs {x}");
-        }
-    }
+    let whole = run(0);
     // The adapters before training: the same PEFT initialisation both runs started from.
+    let cfg = &whole.cfg;
     let files = grpo::model::ModelFiles::resolve(golden_dir().to_str().unwrap(), "main").unwrap();
     let initial = grpo::model::Qwen2::load_base(&files, &Device::Cpu, candle_core::DType::F32)
         .unwrap()
-        .with_new_adapters(grpo::model::LoraSpec::from_config(&cfg).unwrap(), cfg.seed)
+        .with_new_adapters(grpo::model::LoraSpec::from_config(cfg).unwrap(), cfg.seed)
         .unwrap();
     let mut before: Vec<(String, Vec<f32>)> = initial
         .named_parameters()
@@ -1021,10 +1037,14 @@ fn lora_forward_batch_size_changes_neither_loss_nor_gradients() {
     before.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         before.iter().map(|w| &w.0).collect::<Vec<_>>(),
-        whole.iter().map(|w| &w.0).collect::<Vec<_>>()
+        whole.weights.iter().map(|w| &w.0).collect::<Vec<_>>()
     );
-    let diff = max_relative_update_diff(&before, &whole, &chunked);
-    assert!(diff < 1e-4, "adapter updates differ by {diff} (relative)");
+    run(2).assert_trains_as(
+        &whole,
+        &before,
+        &["loss", "grad_norm", "kl", "entropy"],
+        "LoRA, forward_batch_size = 2",
+    );
 }
 
 /// LoRA dropout masks belong to the chunk, not to the worker that runs it: with chunks fed to
@@ -1353,49 +1373,29 @@ fn loss_options_reach_the_loop() {
 #[test]
 fn chunked_micro_steps_keep_the_entropy_threshold_and_sequence_ratios() {
     let run = |forward_batch_size: usize| {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(
-            dir.path(),
+        ChunkingRun::new(
             &[
-                "per_device_train_batch_size=3",
-                "gradient_accumulation_steps=1",
-                "num_iterations=2",
-                "max_steps=2",
-                "save_steps=100",
-                "learning_rate=0.5",
-                "adam_epsilon=1.0",
                 "top_entropy_quantile=0.5",
                 "importance_sampling_level=sequence",
                 &format!("forward_batch_size={forward_batch_size}"),
             ],
-        );
-        grpo::train::train(&cfg).unwrap();
-        let out = dir.path().join("out");
-        (metrics(&out), weights(&out.join("model.safetensors")))
+            "model.safetensors",
+        )
     };
     let initial = weights(&golden_dir().join("model.safetensors"));
-    let (whole_metrics, whole_weights) = run(0);
+    let whole = run(0);
     for size in [1, 2] {
-        let (chunked_metrics, chunked_weights) = run(size);
-        for (whole, chunked) in whole_metrics.iter().zip(&chunked_metrics) {
-            for key in [
+        run(size).assert_trains_as(
+            &whole,
+            &initial,
+            &[
                 "loss",
                 "grad_norm",
                 "kl",
                 "entropy",
                 "clip_ratio/region_mean",
-            ] {
-                let (x, y) = (value(whole, key), value(chunked, key));
-                assert!(
-                    (x - y).abs() <= 1e-6 + 1e-5 * x.abs(),
-                    "forward_batch_size = {size}: {key} {y} vs {x} in one pass"
-                );
-            }
-        }
-        let diff = max_relative_update_diff(&initial, &whole_weights, &chunked_weights);
-        assert!(
-            diff < 1e-4,
-            "forward_batch_size = {size}: updates differ by {diff}"
+            ],
+            &format!("forward_batch_size = {size}"),
         );
     }
 }

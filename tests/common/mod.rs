@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use grpo::grpo::{grpo_loss, ImportanceSamplingLevel, LossInputs, LossParams, LossType};
+use grpo::grpo::{grpo_loss, LossInputs, LossParams, LossType};
 use grpo::model::{grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2};
 
 /// The golden folder under test.
@@ -338,19 +338,15 @@ pub fn golden_grpo_step(policy: &Qwen2, reference: &Qwen2, settings: &GrpoSettin
     let mask = &batch.completion_mask;
     let num_items = mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize;
     let params = LossParams {
-        loss_type: settings.loss_type,
-        beta: settings.beta,
-        epsilon_low: settings.epsilon_low,
-        epsilon_high: settings.epsilon_high,
-        max_completion_length: cases()["grpo"]["max_completion_length"].as_u64().unwrap() as usize,
-        num_items_in_batch: num_items,
-        gradient_accumulation_steps: 1,
-        steps_per_generation: 1,
         use_bias_correction_kl: settings.use_bias_correction_kl,
-        importance_sampling_level: ImportanceSamplingLevel::Token,
-        delta: None,
-        sapo_temperature_pos: 1.0,
-        sapo_temperature_neg: 1.05,
+        ..LossParams::new(
+            settings.loss_type,
+            settings.beta,
+            settings.epsilon_low,
+            settings.epsilon_high,
+            cases()["grpo"]["max_completion_length"].as_u64().unwrap() as usize,
+            num_items,
+        )
     };
     let inputs = LossInputs {
         logp: &logp,
