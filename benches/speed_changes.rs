@@ -10,7 +10,8 @@
 //!   of the chunk, then `Σ output · upstream` (a fixed random upstream gradient) and
 //!   `.backward()`. Trainable inputs (weights, activations, scores) are `Var`s; the rotary tables
 //!   and the mask bias are constants, as in the model. Before timing, the bench checks that
-//!   both forms give the same outputs. The ops and their count per decoder layer: `q_proj` (1,
+//!   both forms give the same outputs. `<model>/<op>/loss_only` is that loss and backward alone,
+//!   on `Var` stand-ins for the outputs: the cost both forms share, to subtract from both. The ops and their count per decoder layer: `q_proj` (1,
 //!   with bias), `k_v_proj` (2, with bias), `o_proj` (1), `gate_up_proj` (2), `down_proj` (1),
 //!   `rms_norm` (2), `rope_q_k` (1: queries and keys), `split_heads_q_k_v` (1), `merge_heads`
 //!   (1), `swiglu` (1), `attention_softmax` (1; its composite form still ends in the fused
@@ -349,9 +350,8 @@ fn relative_difference(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok(diff / scale)
 }
 
-/// `Σ output · upstream` over the outputs of `case` in `form`, then its backward.
-fn forward_backward(case: &OpCase, form: Form, upstream: &[Tensor]) -> Result<()> {
-    let outputs = case.outputs(form)?;
+/// `Σ output · upstream` over `outputs`, then its backward.
+fn loss_backward(outputs: &[Tensor], upstream: &[Tensor]) -> Result<()> {
     let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu)?;
     for (output, upstream) in outputs.iter().zip(upstream) {
         loss = (loss + (output * upstream)?.sum_all()?)?;
@@ -385,9 +385,20 @@ fn bench_op(c: &mut Criterion, model: &str, case: &OpCase) -> Result<()> {
     group.sampling_mode(SamplingMode::Flat);
     for form in [Form::Composite, Form::Fused] {
         group.bench_function(form.id(), |b| {
-            b.iter(|| forward_backward(case, form, &upstream).expect("forward/backward failed"))
+            b.iter(|| {
+                let outputs = case.outputs(form).expect("forward failed");
+                loss_backward(&outputs, &upstream).expect("backward failed")
+            })
         });
     }
+    // The same loss and backward on stand-ins for the outputs: the cost both forms share.
+    let stand_ins = fused
+        .iter()
+        .map(|output| Ok(Var::from_tensor(output)?.as_tensor().clone()))
+        .collect::<Result<Vec<_>>>()?;
+    group.bench_function("loss_only", |b| {
+        b.iter(|| loss_backward(&stand_ins, &upstream).expect("backward failed"))
+    });
     group.finish();
     Ok(())
 }
