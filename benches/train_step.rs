@@ -33,10 +33,13 @@ use rand_distr::{Distribution, Normal};
 use grpo::config::Config;
 use grpo::grpo::{grpo_loss, LossInputs, LossParams};
 use grpo::model::{
-    completion_logprobs, grouped_completion_logprobs, GroupedBatch, ModelFamily, ModelFiles, Qwen2,
-    Qwen2Config, TokenLogprobs,
+    completion_logprobs, grouped_completion_logprobs, GroupedBatch, ModelFiles, Qwen2,
+    TokenLogprobs,
 };
 use grpo::sampling::{generate, GenerationSpec, SamplingParams};
+
+mod common;
+use common::mid_size_config;
 
 /// Prompt tokens of every training prompt (a GSM8K question in the chat template is ~100-150).
 const PROMPT_LEN: usize = 128;
@@ -47,27 +50,6 @@ const GENERATION_PROMPT_LENS: [usize; 2] = [PROMPT_LEN, 100];
 /// Tokens each generated completion runs to (no row may stop early, see [`no_early_stop`]).
 const NEW_TOKENS: usize = 64;
 const SEED: u64 = 42;
-
-/// The mid-size model of the issue: hidden 512, intermediate 1408, 8 layers, 8 heads, 2 kv heads.
-/// Its vocabulary is the golden tokenizer's size (1000), far below Qwen2.5's 151,936, so the
-/// lm-head's share of the work is much smaller than on a real checkpoint.
-fn mid_size_config() -> Qwen2Config {
-    Qwen2Config {
-        family: ModelFamily::Qwen2,
-        vocab_size: 1000,
-        hidden_size: 512,
-        intermediate_size: 1408,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: 2,
-        head_dim: 64,
-        max_position_embeddings: 4096,
-        rope_theta: 1e6,
-        rms_norm_eps: 1e-6,
-        tie_word_embeddings: true,
-        attention_bias: false,
-    }
-}
 
 /// The trainable policy and the frozen reference model of one benchmarked size.
 struct Models {
