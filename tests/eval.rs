@@ -399,15 +399,7 @@ fn an_adapter_checkpoint_evaluates_like_its_merged_model() {
         fs::copy(entry.path(), adapter.join(entry.file_name())).unwrap();
     }
     let merged = work.dir.path().join("merged");
-    Command::new(env!("CARGO_BIN_EXE_grpo"))
-        .args(["merge", "--adapter"])
-        .arg(&adapter)
-        .arg("--base-model")
-        .arg(golden_dir())
-        .arg("--out")
-        .arg(&merged)
-        .assert()
-        .success();
+    common::merge_onto_golden(&adapter, &merged);
     work.eval()
         .arg("--checkpoint")
         .arg(&adapter)

@@ -601,10 +601,31 @@ fn malformed_external_names_are_refused_at_start_up() {
 // Through the binary
 // ---------------------------------------------------------------------------------------------
 
-fn grpo() -> std::process::Command {
+/// `grpo <args>` with each of `sets` as a `--set key=value` override.
+fn grpo_with(args: &[&str], sets: &[String]) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_grpo"));
-    command.env_remove("RUST_LOG");
+    command.env_remove("RUST_LOG").args(args);
+    for set in sets {
+        command.args(["--set", set]);
+    }
     command
+}
+
+/// The overrides of a small `grpo train` run of the golden model on `data` into `out` (one
+/// prompt and two completions of at most 4 tokens per step, no report), then `extra`.
+fn small_train_run(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    [
+        format!("model_name_or_path={}", common::golden_dir().display()),
+        format!("dataset_name={}", data.display()),
+        format!("output_dir={}", out.display()),
+        "per_device_train_batch_size=1".into(),
+        "num_generations=2".into(),
+        "max_completion_length=4".into(),
+        "report_to=none".into(),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|set| set.to_string()))
+    .collect()
 }
 
 /// A reward of len(completion_ids) / 100 that also checks, at every batch, that the prompts,
@@ -647,12 +668,7 @@ fn grpo_train_logs_the_metric_of_a_command_reward() {
         "system_prompt=\"\"".into(),
         format!("reward_funcs=[\"cosine\", {name:?}]"),
     ];
-    let mut command = grpo();
-    command.arg("train");
-    for set in &sets {
-        command.args(["--set", set]);
-    }
-    let output = command.output().unwrap();
+    let output = grpo_with(&["train"], &sets).output().unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -682,24 +698,17 @@ fn grpo_train_stops_naming_the_reward_and_step_with_the_configured_timeout_and_r
     let data = dir.path().join("train.parquet");
     common::write_qa_parquet(&data, &["What is 6 + 7?"], &["13"]);
     let out = dir.path().join("out");
-    let output = grpo()
-        .arg("train")
-        .args([
-            "--set",
-            &format!("model_name_or_path={}", common::golden_dir().display()),
-        ])
-        .args(["--set", &format!("dataset_name={}", data.display())])
-        .args(["--set", &format!("output_dir={}", out.display())])
-        .args(["--set", "per_device_train_batch_size=1"])
-        .args(["--set", "num_generations=2"])
-        .args(["--set", "max_completion_length=4"])
-        .args(["--set", "max_steps=1"])
-        .args(["--set", "report_to=none"])
-        .args(["--set", r#"reward_funcs=["cmd:sleep 60"]"#])
-        .args(["--set", "reward_timeout=0.2"])
-        .args(["--set", "reward_retries=1"])
-        .output()
-        .unwrap();
+    let sets = small_train_run(
+        &data,
+        &out,
+        &[
+            "max_steps=1",
+            r#"reward_funcs=["cmd:sleep 60"]"#,
+            "reward_timeout=0.2",
+            "reward_retries=1",
+        ],
+    );
+    let output = grpo_with(&["train"], &sets).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     for expected in [
@@ -738,14 +747,11 @@ def exact(prompts, completions, answer, level, **kwargs):
             "\n",
         ),
     );
-    let output = grpo()
-        .args(["score", "--input"])
-        .arg(&input)
-        .args([
-            "--set",
-            &format!("reward_funcs=[\"correctness\", {name:?}]"),
-        ])
-        .args(["--set", "reward_weights=[1.0, 2.0]"])
+    let sets = [
+        format!("reward_funcs=[\"correctness\", {name:?}]"),
+        "reward_weights=[1.0, 2.0]".into(),
+    ];
+    let output = grpo_with(&["score", "--input", input.to_str().unwrap()], &sets)
         .output()
         .unwrap();
     assert!(
@@ -790,21 +796,14 @@ def even_lengths(completions, completion_ids, **columns):
     );
     let name = adapter(&module, "even_lengths");
     let out = dir.path().join("out");
-    let output = grpo()
-        .arg("eval")
-        .args([
-            "--set",
-            &format!("model_name_or_path={}", common::golden_dir().display()),
-        ])
-        .args(["--set", &format!("dataset_name={}", data.display())])
-        .args(["--set", &format!("output_dir={}", out.display())])
-        .args(["--set", "max_completion_length=6"])
-        .args([
-            "--set",
-            &format!("reward_funcs=[\"correctness\", {name:?}]"),
-        ])
-        .output()
-        .unwrap();
+    let sets = [
+        format!("model_name_or_path={}", common::golden_dir().display()),
+        format!("dataset_name={}", data.display()),
+        format!("output_dir={}", out.display()),
+        "max_completion_length=6".into(),
+        format!("reward_funcs=[\"correctness\", {name:?}]"),
+    ];
+    let output = grpo_with(&["eval"], &sets).output().unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -854,28 +853,16 @@ fn a_reward_failure_in_training_keeps_the_steps_done() {
         &["13", "8", "5"],
     );
     let train = |out: &Path, reward: &str, extra: &[&str]| {
-        let mut command = grpo();
-        command
-            .arg("train")
-            .args([
-                "--set",
-                &format!("model_name_or_path={}", common::golden_dir().display()),
-            ])
-            .args(["--set", &format!("dataset_name={}", data.display())])
-            .args(["--set", &format!("output_dir={}", out.display())])
-            .args(["--set", "per_device_train_batch_size=1"])
-            .args(["--set", "num_generations=2"])
-            .args(["--set", "max_completion_length=4"])
-            .args(["--set", "max_steps=3"])
-            .args(["--set", "logging_steps=1"])
-            .args(["--set", "learning_rate=0.01"])
-            .args(["--set", "report_to=none"])
-            .args(["--set", "reward_retries=0"])
-            .args(["--set", &format!("reward_funcs=[{reward:?}]")]);
-        for set in extra {
-            command.args(["--set", set]);
-        }
-        command.output().unwrap()
+        let reward_funcs = format!("reward_funcs=[{reward:?}]");
+        let settings = [
+            "max_steps=3",
+            "logging_steps=1",
+            "learning_rate=0.01",
+            "reward_retries=0",
+            &reward_funcs,
+        ];
+        let sets = small_train_run(&data, out, &[&settings[..], extra].concat());
+        grpo_with(&["train"], &sets).output().unwrap()
     };
     let good = "cmd:while read -r r; do echo '[0.5, 1]'; done";
     let uninterrupted = dir.path().join("uninterrupted");
@@ -938,12 +925,10 @@ fn grpo_score_posts_to_a_loopback_http_reward_past_any_proxy() {
         ),
     );
     // A proxy that does not exist: loopback endpoints must not go through it.
-    let output = grpo()
+    let sets = [format!("reward_funcs=[{:?}]", server.url)];
+    let output = grpo_with(&["score", "--input", input.to_str().unwrap()], &sets)
         .env("HTTP_PROXY", "http://127.0.0.1:9")
         .env("ALL_PROXY", "http://127.0.0.1:9")
-        .args(["score", "--input"])
-        .arg(&input)
-        .args(["--set", &format!("reward_funcs=[{:?}]", server.url)])
         .output()
         .unwrap();
     assert!(

@@ -253,16 +253,7 @@ fn loss_and_every_adapter_gradient_match_peft_and_the_base_gets_none() {
 fn grpo_merge_writes_the_model_peft_merges() {
     let out = tempfile::tempdir().unwrap();
     let merged = out.path().join("merged");
-    let status = Command::new(env!("CARGO_BIN_EXE_grpo"))
-        .args(["merge", "--adapter"])
-        .arg(adapter_dir())
-        .arg("--base-model")
-        .arg(golden_dir())
-        .arg("--out")
-        .arg(&merged)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::merge_onto_golden(&adapter_dir(), &merged);
     for file in [
         "config.json",
         "model.safetensors",

@@ -247,15 +247,7 @@ fn an_adapter_checkpoint_samples_like_its_merged_model() {
     let (dir, path) = dataset();
     let adapter = golden_dir().join("lora/adapter");
     let merged = dir.path().join("merged");
-    Command::new(env!("CARGO_BIN_EXE_grpo"))
-        .args(["merge", "--adapter"])
-        .arg(&adapter)
-        .arg("--base-model")
-        .arg(golden_dir())
-        .arg("--out")
-        .arg(&merged)
-        .assert()
-        .success();
+    common::merge_onto_golden(&adapter, &merged);
     let (adapter, golden) = (
         adapter.display().to_string(),
         golden_dir().display().to_string(),
