@@ -24,6 +24,7 @@ use candle_core::{
 
 #[cfg(feature = "cuda")]
 use super::kernels;
+use super::simd;
 
 /// The f32 slice of a contiguous CPU tensor argument.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -180,6 +181,13 @@ fn for_each_row(
                 .zip(input.chunks_exact(width))
                 .for_each(|(o, i)| f(o, i));
         });
+}
+
+/// `row`, already shifted by its maximum, becomes its softmax: `e^v / Σ e^v`.
+fn normalize_exp(row: &mut [f32]) {
+    simd::exp_in_place(row);
+    let inverse = 1.0 / simd::sum(row);
+    row.iter_mut().for_each(|o| *o *= inverse);
 }
 
 /// Tensors smaller than this run element-wise kernels on one thread.
@@ -400,13 +408,8 @@ impl CustomOp1 for Softmax {
         let mut out = vec![0f32; data.len()];
         for_each_row(&mut out, data, width, |out_row, row| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, v) in out_row.iter_mut().zip(row) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            out_row.iter_mut().for_each(|o| *o *= inv);
+            out_row.iter_mut().zip(row).for_each(|(o, v)| *o = v - max);
+            normalize_exp(out_row);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -455,7 +458,7 @@ impl CustomOp2 for SoftmaxBackward {
         let mut out = grad.to_vec();
         let scale = self.scale;
         for_each_row(&mut out, y, width, |g, y| {
-            let dot: f32 = g.iter().zip(y).map(|(g, y)| g * y).sum();
+            let dot = simd::dot(g, y);
             g.iter_mut()
                 .zip(y)
                 .for_each(|(g, y)| *g = scale * y * (*g - dot));
@@ -541,18 +544,13 @@ impl CustomOp2 for AttentionSoftmax {
             .for_each(|(index, (out, row))| {
                 let (item, query) = (index / rows, index % rows % t);
                 let bias = &bias[(item * t + query) * s..][..s];
-                let mut max = f32::NEG_INFINITY;
-                for ((o, x), b) in out.iter_mut().zip(row).zip(bias) {
-                    *o = x * scale + b;
-                    max = max.max(*o);
-                }
-                let mut sum = 0f32;
-                for o in out.iter_mut() {
-                    *o = (*o - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                out.iter_mut().for_each(|o| *o *= inv);
+                out.iter_mut()
+                    .zip(row)
+                    .zip(bias)
+                    .for_each(|((o, x), b)| *o = x * scale + b);
+                let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                out.iter_mut().for_each(|o| *o -= max);
+                normalize_exp(out);
             });
         Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
     }
@@ -592,9 +590,15 @@ impl CustomOp2 for AttentionSoftmax {
 /// pass (see [`SwigluBackward`]). Inputs `(gate, up)` of the same shape.
 pub struct Swiglu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// `sigmoid(x)` of each of `x` into `out` (of the same length).
+fn sigmoid_into(x: &[f32], out: &mut [f32]) {
+    out.iter_mut().zip(x).for_each(|(o, x)| *o = -x);
+    simd::exp_in_place(out);
+    out.iter_mut().for_each(|o| *o = 1.0 / (1.0 + *o));
 }
+
+/// Elements per block of the element-wise kernels that need a scratch row (on the stack).
+const BLOCK: usize = 512;
 
 impl CustomOp2 for Swiglu {
     fn name(&self) -> &'static str {
@@ -621,9 +625,15 @@ impl CustomOp2 for Swiglu {
         let width = gate_layout.dims().last().copied().unwrap_or(1);
         let mut out = up.to_vec();
         for_each_row(&mut out, gate, width, |out, gate| {
-            out.iter_mut()
-                .zip(gate)
-                .for_each(|(o, g)| *o *= g * sigmoid(*g));
+            let mut sigmoid = [0f32; BLOCK];
+            for (out, gate) in out.chunks_mut(BLOCK).zip(gate.chunks(BLOCK)) {
+                let sigmoid = &mut sigmoid[..gate.len()];
+                sigmoid_into(gate, sigmoid);
+                out.iter_mut()
+                    .zip(gate)
+                    .zip(sigmoid.iter())
+                    .for_each(|((o, g), s)| *o *= g * s);
+            }
         });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
@@ -677,8 +687,10 @@ impl CustomOp3 for SwigluBackward {
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
             .zip(grad.par_chunks(CHUNK))
             .for_each(|(((dg, du), (gate, up)), g)| {
+                // The sigmoid goes into `dg`, which is then overwritten element by element.
+                sigmoid_into(gate, dg);
                 for i in 0..gate.len() {
-                    let s = sigmoid(gate[i]);
+                    let s = dg[i];
                     let silu = gate[i] * s;
                     du[i] = g[i] * silu;
                     dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
@@ -757,46 +769,102 @@ fn multiply_rows(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32])
     multiply_rows_portable(x, m, k, weight, out)
 }
 
-/// [`multiply_rows_portable`] with 8-wide fused multiply-adds: four weight rows at a time, each
-/// row of `x` loaded once for the four.
+/// [`multiply_rows_portable`] with 8-wide fused multiply-adds, in tiles of four weight rows by
+/// [`X_BLOCK`] rows of `x`: twelve independent accumulators keep both FMA units busy (four
+/// would wait on each other's latency), and each loaded vector serves three or four products.
+/// Each dot product is still summed lane by lane in order, then across the lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn multiply_rows_avx2(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
     assert!(x.len() >= m * k && out.len() * k >= weight.len() * m);
     let rows = weight.len() / k;
-    let full = k / LANES * LANES;
-    // Sum of the 8 lanes.
-    let sum = |v: __m256| -> f32 {
-        let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let pair = _mm_hadd_ps(pair, pair);
-        _mm_cvtss_f32(_mm_hadd_ps(pair, pair))
-    };
     let mut j = 0;
     while j < rows {
         let block = WEIGHT_BLOCK.min(rows - j);
+        // A short last block repeats its last row; the repeats are computed but not stored.
         let w: [*const f32; WEIGHT_BLOCK] =
             std::array::from_fn(|r| weight.as_ptr().add((j + r.min(block - 1)) * k));
-        for i in 0..m {
+        // The next block's rows, fetched into the cache while the first tile runs: the weight
+        // comes from memory, and the hardware prefetcher alone leaves the FMAs waiting for it.
+        let next: [*const f32; WEIGHT_BLOCK] =
+            std::array::from_fn(|r| weight.as_ptr().add((j + block + r).min(rows - 1) * k));
+        let out_rows = &mut out[j * m..(j + block) * m];
+        let mut i = 0;
+        while i < m {
+            // 3 rows per tile, but 2 + 2 rather than 3 + 1 at the end: a one-row tile has only
+            // four accumulators.
+            let tile = match m - i {
+                4 => 2,
+                left => X_BLOCK.min(left),
+            };
             let xp = x.as_ptr().add(i * k);
-            let mut acc = [_mm256_setzero_ps(); WEIGHT_BLOCK];
-            let mut c = 0;
-            while c < full {
-                let xv = _mm256_loadu_ps(xp.add(c));
-                for (acc, w) in acc.iter_mut().zip(&w) {
-                    *acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w.add(c)), *acc);
-                }
-                c += LANES;
+            let prefetch = (i == 0).then_some(&next);
+            match tile {
+                3 => dot_tile_avx2::<3>(xp, k, &w, prefetch, block, i, m, out_rows),
+                2 => dot_tile_avx2::<2>(xp, k, &w, prefetch, block, i, m, out_rows),
+                _ => dot_tile_avx2::<1>(xp, k, &w, prefetch, block, i, m, out_rows),
             }
-            for (r, (acc, w)) in acc.iter().zip(&w).enumerate().take(block) {
-                let mut dot = sum(*acc);
-                for c in full..k {
-                    dot += *xp.add(c) * *w.add(c);
-                }
-                out[(j + r) * m + i] = dot;
-            }
+            i += tile;
         }
         j += block;
+    }
+}
+
+/// Rows of `x` per tile of [`multiply_rows_avx2`].
+#[cfg(target_arch = "x86_64")]
+const X_BLOCK: usize = 3;
+
+/// `out[r * m + i + s] = w[r] . x[s]` for the `block` weight rows `w` and the `XR` rows of `x`
+/// from `x` (row stride `k`), fetching the rows `prefetch` into the cache on the way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_tile_avx2<const XR: usize>(
+    x: *const f32,
+    k: usize,
+    w: &[*const f32; WEIGHT_BLOCK],
+    prefetch: Option<&[*const f32; WEIGHT_BLOCK]>,
+    block: usize,
+    i: usize,
+    m: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let full = k / LANES * LANES;
+    let mut acc = [[_mm256_setzero_ps(); XR]; WEIGHT_BLOCK];
+    let mut c = 0;
+    while c < full {
+        if let Some(rows) = prefetch {
+            // One touch per 64-byte cache line.
+            if c % 16 == 0 {
+                for row in rows {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(c).cast());
+                }
+            }
+        }
+        let mut xv = [_mm256_setzero_ps(); XR];
+        for (s, xv) in xv.iter_mut().enumerate() {
+            *xv = _mm256_loadu_ps(x.add(s * k + c));
+        }
+        for (acc, w) in acc.iter_mut().zip(w) {
+            let wv = _mm256_loadu_ps(w.add(c));
+            for (acc, xv) in acc.iter_mut().zip(&xv) {
+                *acc = _mm256_fmadd_ps(*xv, wv, *acc);
+            }
+        }
+        c += LANES;
+    }
+    for (r, (acc, w)) in acc.iter().zip(w).enumerate().take(block) {
+        for (s, acc) in acc.iter().enumerate() {
+            // The 8 lanes' sum, then the tail.
+            let pair = _mm_add_ps(_mm256_castps256_ps128(*acc), _mm256_extractf128_ps(*acc, 1));
+            let pair = _mm_hadd_ps(pair, pair);
+            let mut dot = _mm_cvtss_f32(_mm_hadd_ps(pair, pair));
+            for c in full..k {
+                dot += *x.add(s * k + c) * *w.add(c);
+            }
+            out[r * m + i + s] = dot;
+        }
     }
 }
 
@@ -1083,6 +1151,14 @@ fn logit_rows(logits: &Layout, targets: &Layout, op: &str) -> Result<(usize, usi
     Ok((rows, vocab))
 }
 
+/// An error naming the first target token outside the vocabulary.
+fn check_targets(targets: &[u32], vocab: usize, op: &str) -> Result<()> {
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("{op}: target {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok(())
+}
+
 impl CustomOp2 for LogSoftmaxGather {
     fn name(&self) -> &'static str {
         "fused-log-softmax-gather"
@@ -1099,12 +1175,7 @@ impl CustomOp2 for LogSoftmaxGather {
         let (rows, vocab) = logit_rows(logits_layout, targets_layout, self.name())?;
         let logits = contiguous_f32(logits, logits_layout, self.name())?;
         let targets = contiguous_u32(targets, targets_layout, self.name())?;
-        if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-            bail!(
-                "{}: target {bad} is outside the vocabulary of {vocab}",
-                self.name()
-            );
-        }
+        check_targets(targets, vocab, self.name())?;
         let scale = inverse_temperature(self.temperature);
         let mut out = vec![0f32; rows * 3];
         out.par_chunks_mut(3)
@@ -1115,11 +1186,18 @@ impl CustomOp2 for LogSoftmaxGather {
                 // Sums over a 152k vocabulary lose ~1e-4 in f32; f64 keeps them exact enough
                 // for f32 results at no real cost next to the exponentials.
                 let (mut total, mut weighted) = (0f64, 0f64);
-                for &v in row {
-                    let shifted = v * scale - best;
-                    let e = shifted.exp();
-                    total += f64::from(e);
-                    weighted += f64::from(e * shifted);
+                let (mut shifted, mut e) = ([0f32; BLOCK], [0f32; BLOCK]);
+                for row in row.chunks(BLOCK) {
+                    let (shifted, e) = (&mut shifted[..row.len()], &mut e[..row.len()]);
+                    shifted
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(s, v)| *s = v * scale - best);
+                    e.copy_from_slice(shifted);
+                    simd::exp_in_place(e);
+                    let (block_total, block_weighted) = simd::sums_f64(e, shifted);
+                    total += block_total;
+                    weighted += block_weighted;
                 }
                 // (z - max) - log(sum), as log_softmax computes it.
                 let log_total = total.ln() as f32;
@@ -1193,6 +1271,7 @@ impl CustomOp3 for LogprobGrad {
         LogprobGrad::check_stats(stats_layout, rows)?;
         let logits = contiguous_f32(logits, logits_layout, self.name())?;
         let targets = contiguous_u32(targets, targets_layout, self.name())?;
+        check_targets(targets, vocab, self.name())?;
         let stats = contiguous_f32(stats, stats_layout, self.name())?;
         use rayon::prelude::*;
         let inverse = inverse_temperature(self.temperature);
@@ -1203,10 +1282,14 @@ impl CustomOp3 for LogprobGrad {
             .for_each(|(r, (out, row))| {
                 let (normalizer, scale) = (stats[2 * r], stats[2 * r + 1]);
                 let target = targets[r] as usize;
-                for (column, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-                    let onehot = if column == target { 1.0 } else { 0.0 };
-                    *o = (onehot - (v * inverse - normalizer).exp()) * scale;
-                }
+                out.iter_mut()
+                    .zip(row)
+                    .for_each(|(o, v)| *o = v * inverse - normalizer);
+                simd::exp_in_place(out);
+                // (onehot - p) * scale, the one-hot only at the target.
+                let p_target = out[target];
+                out.iter_mut().for_each(|p| *p = -*p * scale);
+                out[target] = (1.0 - p_target) * scale;
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, vocab))))
     }

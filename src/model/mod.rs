@@ -3,8 +3,8 @@
 //! training forward ([`qwen2`], one implementation for both families), its linear layers with
 //! optional LoRA adapters ([`linear`]) and LoRA in PEFT's format ([`lora`]), its differentiable
 //! building blocks ([`ops`], with fused kernels in [`fused`], whose CUDA launches [`kernels`]
-//! describes, and the frozen-operand ops of [`frozen`]) and chunked per-token log-probs and
-//! entropies ([`logprobs`]).
+//! describes and whose vectorised exponentials and sums are [`simd`], and the frozen-operand ops
+//! of [`frozen`]) and chunked per-token log-probs and entropies ([`logprobs`]).
 
 pub mod frozen;
 pub mod fused;
@@ -15,6 +15,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod ops;
 pub mod qwen2;
+pub mod simd;
 
 pub use load::{ModelFamily, ModelFiles, Qwen2Config};
 pub use logprobs::{
