@@ -208,8 +208,16 @@ fn fused_linear_matches_composite_with_and_without_bias() {
 
 #[test]
 fn few_rows_matmul_equals_the_general_product() {
-    // Decoding shapes: a few rows, no gradient; odd sizes exercise every remainder path.
-    for (m, k, n) in [(1, 7, 3), (3, 37, 23), (16, 64, 1001), (5, 896, 130)] {
+    // Decoding shapes: a few rows, no gradient; odd sizes exercise every remainder path, and
+    // the last two weights are large enough to be split over threads.
+    for (m, k, n) in [
+        (1, 7, 3),
+        (3, 37, 23),
+        (16, 64, 1001),
+        (5, 896, 130),
+        (7, 130, 1101),
+        (16, 512, 1408),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
         let weight = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
         let bias = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();

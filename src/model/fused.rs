@@ -738,35 +738,83 @@ impl CustomOp2 for FewRowsMatmul {
         }
         let x = contiguous_f32(x, x_layout, self.name())?;
         let weight = contiguous_f32(weight, weight_layout, self.name())?;
-        // Output transposed, [n, m]: each thread owns a contiguous run of weight rows.
-        let mut out_t = vec![0f32; n * m];
-        let threads = rayon::current_num_threads().max(1);
+        // Each task owns a contiguous run of weight rows, i.e. of output columns; a small
+        // weight is one task.
+        let tasks = if n * k < SMALL_WEIGHT {
+            1
+        } else {
+            rayon::current_num_threads().max(1) * 8
+        };
         let rows_per_task = n
-            .div_ceil(threads * 8)
+            .div_ceil(tasks)
             .next_multiple_of(WEIGHT_BLOCK)
             .max(WEIGHT_BLOCK);
-        out_t
-            .par_chunks_mut(rows_per_task * m)
-            .zip(weight.par_chunks(rows_per_task * k))
-            .for_each(|(out, weight)| multiply_rows(x, m, k, weight, out));
-        let mut out = vec![0f32; m * n];
-        for (j, column) in out_t.chunks_exact(m).enumerate() {
-            for (i, &v) in column.iter().enumerate() {
-                out[i * n + j] = v;
-            }
+        let mut out = Vec::<f32>::with_capacity(m * n);
+        let columns = OutputColumns {
+            out: out.as_mut_ptr(),
+            m,
+            n,
+        };
+        let run = |(task, weight): (usize, &[f32])| {
+            // SAFETY: the task's columns start at its first weight row, and no other task has
+            // them.
+            unsafe { multiply_rows(x, k, weight, task * rows_per_task, columns) }
+        };
+        if tasks == 1 {
+            run((0, weight));
+        } else {
+            weight
+                .par_chunks(rows_per_task * k)
+                .enumerate()
+                .for_each(run);
         }
+        // SAFETY: the tasks wrote every element: each its weight rows' columns, all rows of x.
+        unsafe { out.set_len(m * n) };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
 
-/// `out[j, i] = weight[j] . x[i]` for the weight rows `weight` (`[rows, k]`) and `x` `[m, k]`.
-fn multiply_rows(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32]) {
+/// Weights smaller than this (in elements) are multiplied on one thread.
+const SMALL_WEIGHT: usize = 1 << 17;
+
+/// The `[m, n]` output of [`FewRowsMatmul`], written by tasks that each own a range of its
+/// columns, so that no two write the same element.
+#[derive(Clone, Copy)]
+struct OutputColumns {
+    out: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint columns (see `OutputColumns::set`).
+unsafe impl Send for OutputColumns {}
+unsafe impl Sync for OutputColumns {}
+
+impl OutputColumns {
+    /// `out[i, j] = value`.
+    ///
+    /// # Safety
+    /// `i < m`, `j < n`, and no other thread writes column `j` meanwhile.
+    #[inline(always)]
+    unsafe fn set(self, i: usize, j: usize, value: f32) {
+        debug_assert!(i < self.m && j < self.n);
+        *self.out.add(i * self.n + j) = value;
+    }
+}
+
+/// `out[i, first + j] = weight[j] . x[i]` for the weight rows `weight` (`[rows, k]`) and every
+/// row `i` of `x` (`[out.m, k]`).
+///
+/// # Safety
+/// `first + rows <= out.n`, and no other thread writes those columns meanwhile.
+unsafe fn multiply_rows(x: &[f32], k: usize, weight: &[f32], first: usize, out: OutputColumns) {
+    assert!(x.len() == out.m * k && weight.len() % k == 0 && first + weight.len() / k <= out.n);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { multiply_rows_avx2(x, m, k, weight, out) };
+        return multiply_rows_avx2(x, k, weight, first, out);
     }
-    multiply_rows_portable(x, m, k, weight, out)
+    multiply_rows_portable(x, k, weight, first, out)
 }
 
 /// [`multiply_rows_portable`] with 8-wide fused multiply-adds, in tiles of four weight rows by
@@ -775,9 +823,14 @@ fn multiply_rows(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32])
 /// Each dot product is still summed lane by lane in order, then across the lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn multiply_rows_avx2(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32]) {
-    assert!(x.len() >= m * k && out.len() * k >= weight.len() * m);
-    let rows = weight.len() / k;
+unsafe fn multiply_rows_avx2(
+    x: &[f32],
+    k: usize,
+    weight: &[f32],
+    first: usize,
+    out: OutputColumns,
+) {
+    let (m, rows) = (out.m, weight.len() / k);
     let mut j = 0;
     while j < rows {
         let block = WEIGHT_BLOCK.min(rows - j);
@@ -788,7 +841,6 @@ unsafe fn multiply_rows_avx2(x: &[f32], m: usize, k: usize, weight: &[f32], out:
         // comes from memory, and the hardware prefetcher alone leaves the FMAs waiting for it.
         let next: [*const f32; WEIGHT_BLOCK] =
             std::array::from_fn(|r| weight.as_ptr().add((j + block + r).min(rows - 1) * k));
-        let out_rows = &mut out[j * m..(j + block) * m];
         let mut i = 0;
         while i < m {
             // 3 rows per tile, but 2 + 2 rather than 3 + 1 at the end: a one-row tile has only
@@ -799,10 +851,11 @@ unsafe fn multiply_rows_avx2(x: &[f32], m: usize, k: usize, weight: &[f32], out:
             };
             let xp = x.as_ptr().add(i * k);
             let prefetch = (i == 0).then_some(&next);
+            let at = (i, first + j);
             match tile {
-                3 => dot_tile_avx2::<3>(xp, k, &w, prefetch, block, i, m, out_rows),
-                2 => dot_tile_avx2::<2>(xp, k, &w, prefetch, block, i, m, out_rows),
-                _ => dot_tile_avx2::<1>(xp, k, &w, prefetch, block, i, m, out_rows),
+                3 => dot_tile_avx2::<3>(xp, k, &w, prefetch, block, at, out),
+                2 => dot_tile_avx2::<2>(xp, k, &w, prefetch, block, at, out),
+                _ => dot_tile_avx2::<1>(xp, k, &w, prefetch, block, at, out),
             }
             i += tile;
         }
@@ -814,20 +867,19 @@ unsafe fn multiply_rows_avx2(x: &[f32], m: usize, k: usize, weight: &[f32], out:
 #[cfg(target_arch = "x86_64")]
 const X_BLOCK: usize = 3;
 
-/// `out[r * m + i + s] = w[r] . x[s]` for the `block` weight rows `w` and the `XR` rows of `x`
-/// from `x` (row stride `k`), fetching the rows `prefetch` into the cache on the way.
+/// `out[i + s, j + r] = w[r] . x[s]` (`(i, j)` = `at`) for the `block` weight rows `w` and the
+/// `XR` rows of `x` from `x` (row stride `k`), fetching the rows `prefetch` into the cache on the
+/// way.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn dot_tile_avx2<const XR: usize>(
     x: *const f32,
     k: usize,
     w: &[*const f32; WEIGHT_BLOCK],
     prefetch: Option<&[*const f32; WEIGHT_BLOCK]>,
     block: usize,
-    i: usize,
-    m: usize,
-    out: &mut [f32],
+    (i, j): (usize, usize),
+    out: OutputColumns,
 ) {
     use std::arch::x86_64::*;
     let full = k / LANES * LANES;
@@ -863,35 +915,40 @@ unsafe fn dot_tile_avx2<const XR: usize>(
             for c in full..k {
                 dot += *x.add(s * k + c) * *w.add(c);
             }
-            out[r * m + i + s] = dot;
+            out.set(i + s, j + r, dot);
         }
     }
 }
 
+/// [`multiply_rows`] on any CPU.
+///
+/// # Safety
+/// As [`multiply_rows`].
 #[inline(always)]
-fn multiply_rows_portable(x: &[f32], m: usize, k: usize, weight: &[f32], out: &mut [f32]) {
+unsafe fn multiply_rows_portable(
+    x: &[f32],
+    k: usize,
+    weight: &[f32],
+    first: usize,
+    out: OutputColumns,
+) {
     let mut blocks = weight.chunks_exact(WEIGHT_BLOCK * k);
-    let mut out_blocks = out.chunks_exact_mut(WEIGHT_BLOCK * m);
-    for (block, out) in (&mut blocks).zip(&mut out_blocks) {
+    for (b, block) in (&mut blocks).enumerate() {
         let rows: [&[f32]; WEIGHT_BLOCK] = std::array::from_fn(|r| &block[r * k..(r + 1) * k]);
         for (i, x_row) in x.chunks_exact(k).enumerate() {
             let dots = dot_block(x_row, &rows);
             for (r, dot) in dots.into_iter().enumerate() {
-                out[r * m + i] = dot;
+                out.set(i, first + b * WEIGHT_BLOCK + r, dot);
             }
         }
     }
     // The last weight rows, one at a time.
-    for (row, out) in blocks
-        .remainder()
-        .chunks_exact(k)
-        .zip(out_blocks.into_remainder().chunks_exact_mut(m))
-    {
-        for (o, x_row) in out.iter_mut().zip(x.chunks_exact(k)) {
-            *o = dot_block(x_row, &[row])[0];
+    let done = weight.len() / k / WEIGHT_BLOCK * WEIGHT_BLOCK;
+    for (r, row) in blocks.remainder().chunks_exact(k).enumerate() {
+        for (i, x_row) in x.chunks_exact(k).enumerate() {
+            out.set(i, first + done + r, dot_block(x_row, &[row])[0]);
         }
     }
-    debug_assert_eq!(x.len(), m * k);
 }
 
 /// Dot products of `x` with each of `rows`, in [`LANES`] independent partial sums each.
@@ -1324,5 +1381,56 @@ impl CustomOp3 for LogprobGrad {
             kernels::run(&plan, self.dtype, &inputs)?,
             Shape::from((rows, vocab)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x @ weight^T` by [`multiply_rows_portable`] over column runs of `run` weight rows (as
+    /// the tasks of [`FewRowsMatmul`] split it).
+    fn portable_product(x: &[f32], weight: &[f32], k: usize, run: usize) -> Vec<f32> {
+        let (m, n) = (x.len() / k, weight.len() / k);
+        let mut out = vec![f32::NAN; m * n];
+        let columns = OutputColumns {
+            out: out.as_mut_ptr(),
+            m,
+            n,
+        };
+        for (task, weight) in weight.chunks(run * k).enumerate() {
+            // SAFETY: one thread; the runs are disjoint and within the output.
+            unsafe { multiply_rows_portable(x, k, weight, task * run, columns) };
+        }
+        out
+    }
+
+    #[test]
+    fn the_portable_few_rows_product_covers_every_element_and_matches_the_naive_one() {
+        // (The AVX2 form is what `FewRowsMatmul` runs on x86-64 CPUs; tests/ops.rs checks it.)
+        for (m, k, n, run) in [
+            (1, 7, 3, 4),
+            (3, 37, 23, 8),
+            (16, 64, 101, 12),
+            (5, 9, 8, 8),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                .collect();
+            let weight: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let got = portable_product(&x, &weight, k, run);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|c| x[i * k + c] * weight[j * k + c]).sum();
+                    let value = got[i * n + j];
+                    assert!(
+                        (value - want).abs() < 1e-4,
+                        "{m}x{k}x{n}: [{i}, {j}] = {value}, want {want}"
+                    );
+                }
+            }
+        }
     }
 }
