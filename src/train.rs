@@ -211,9 +211,10 @@ pub fn train(cfg: &Config) -> Result<()> {
 
         // 5. clip, then step unless something is not finite.
         let lr = schedule.lr(step as usize);
-        let ((grad_norm, applied), optimizer_time) = meters
-            .stopwatch
-            .time(|| optimizer.clipped_step(&mut grads, loss_value, cfg.max_grad_norm, lr))?;
+        let ((grad_norm, applied), optimizer_time) = meters.stopwatch.time(|| {
+            workers
+                .install(|| optimizer.clipped_step(&mut grads, loss_value, cfg.max_grad_norm, lr))
+        })?;
         times.optimizer = optimizer_time;
         if !applied {
             run.state.skipped_steps += 1;

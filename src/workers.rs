@@ -75,6 +75,15 @@ impl Workers {
             .map_or(1, |pool| pool.current_num_threads())
     }
 
+    /// `work` run on the workers' threads, so that its parallel loops (the optimizer's) use all
+    /// of them: with several workers, the process-wide thread pool has only one.
+    pub fn install<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            None => work(),
+            Some(pool) => pool.install(work),
+        }
+    }
+
     /// `work` applied to every shard, the results in the shards' order; the first error wins.
     pub fn map<S, R, F>(&self, shards: Vec<S>, work: F) -> Result<Vec<R>>
     where
