@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use std::ops::Range;
 
-use crate::model::{position_ids_from_mask, ModelFiles, Qwen2};
+use crate::model::{position_ids_from_mask, simd, ModelFiles, Qwen2};
 use crate::prompt::{left_pad, ChatTokenizer};
 use crate::workers::{split_evenly, Workers};
 
@@ -821,12 +821,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Replaces logits by unnormalised probabilities `exp(x - max)` and returns their sum.
 fn softmax_in_place(logits: &mut [f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for x in logits.iter_mut() {
-        *x = (*x - max).exp();
-        sum += f64::from(*x);
-    }
-    sum
+    logits.iter_mut().for_each(|x| *x -= max);
+    simd::exp_in_place(logits);
+    simd::sum_f64(logits)
 }
 
 #[cfg(test)]

@@ -97,6 +97,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     combine(lanes) + tail
 }
 
+/// The sum of `values` accumulated in f64, in [`LANES`] partial sums combined in a fixed order.
+pub fn sum_f64(values: &[f32]) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f64::from(v);
+        }
+    }
+    combine_f64(lanes) + tail
+}
+
 /// `(Σ e_i, Σ e_i x_i)` accumulated in f64 (in [`LANES`] partial sums each): the normaliser and
 /// the entropy's numerator of a softmax over a vocabulary, whose f32 sums would lose ~1e-4 over
 /// 152k terms.
@@ -115,8 +128,6 @@ pub fn sums_f64(e: &[f32], x: &[f32]) -> (f64, f64) {
             weighted[lane] += f64::from(e[lane] * x[lane]);
         }
     }
-    let combine_f64 =
-        |l: [f64; LANES]| ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
     (
         combine_f64(total) + total_tail,
         combine_f64(weighted) + weighted_tail,
@@ -125,6 +136,11 @@ pub fn sums_f64(e: &[f32], x: &[f32]) -> (f64, f64) {
 
 /// The [`LANES`] partial sums added pairwise, in the order a vector reduction adds them.
 fn combine(l: [f32; LANES]) -> f32 {
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+}
+
+/// [`combine`] in f64.
+fn combine_f64(l: [f64; LANES]) -> f64 {
     ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
 }
 
@@ -230,6 +246,7 @@ mod tests {
         assert!((f64::from(dot(&a, &b)) - want_dot).abs() < 1e-4);
         let (total, weighted) = sums_f64(&a, &b);
         assert!((total - want_sum).abs() < 1e-12);
+        assert!((sum_f64(&a) - want_sum).abs() < 1e-12);
         assert!((weighted - want_dot).abs() < 1e-12);
         // Short slices: the tail alone.
         assert_eq!(sum(&a[..3]), a[0] + a[1] + a[2]);
