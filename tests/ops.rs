@@ -386,4 +386,23 @@ fn fused_logprobs_match_log_softmax_gather_and_entropy() {
         max_abs(&composite) > 0.1,
         "the gradient is not trivially zero"
     );
+
+    // A target outside the vocabulary is an error naming it, in both ops.
+    let bad = Tensor::new(&[[3u32], [0], [50], [17]], &Device::Cpu).unwrap();
+    let gather = logits
+        .as_tensor()
+        .apply_op2_no_bwd(&bad, &fused::LogSoftmaxGather { temperature })
+        .unwrap_err();
+    let grad = logits
+        .as_tensor()
+        .apply_op3_no_bwd(&bad, &stats, &op)
+        .unwrap_err();
+    for error in [gather, grad] {
+        assert!(
+            error
+                .to_string()
+                .contains("target 50 is outside the vocabulary of 50"),
+            "{error}"
+        );
+    }
 }

@@ -24,7 +24,7 @@ use candle_core::{
 
 #[cfg(feature = "cuda")]
 use super::kernels;
-use super::simd;
+use super::simd::{self, LANES};
 
 /// The f32 slice of a contiguous CPU tensor argument.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -716,7 +716,6 @@ pub const FEW_ROWS: usize = 16;
 
 /// Weight rows multiplied together, so each loaded piece of `x` serves several of them.
 const WEIGHT_BLOCK: usize = 4;
-const LANES: usize = 8;
 
 impl CustomOp2 for FewRowsMatmul {
     fn name(&self) -> &'static str {

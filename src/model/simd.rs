@@ -7,8 +7,9 @@
 //! multiply-adds, and every sum in a fixed order of [`LANES`] partial sums, so a run does not
 //! depend on the machine's instruction set.
 
-/// Partial sums kept side by side (one 256-bit vector of f32).
-const LANES: usize = 8;
+/// Partial sums kept side by side (one 256-bit vector of f32); also the decoding product's
+/// vector width.
+pub(super) const LANES: usize = 8;
 
 /// Above this, `e^x` overflows f32: the result is +inf.
 const EXP_HIGH: f32 = 88.722_84;

@@ -549,20 +549,15 @@ pub fn machine_independent_metrics(out: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Runs `grpo merge --adapter ADAPTER --base-model <golden folder> --out OUT` and asserts that it
-/// succeeded.
+/// succeeded (a failure prints the command's output).
 pub fn merge_onto_golden(adapter: &Path, out: &Path) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_grpo"))
+    assert_cmd::Command::new(env!("CARGO_BIN_EXE_grpo"))
         .args(["merge", "--adapter"])
         .arg(adapter)
         .arg("--base-model")
         .arg(golden_dir())
         .arg("--out")
         .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "grpo merge: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .assert()
+        .success();
 }
