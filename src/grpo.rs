@@ -408,6 +408,21 @@ impl LossParams {
             use_bias_correction_kl: false,
         }
     }
+
+    /// Whether the loss of completions with `advantages` (`[B]`) has a zero gradient, so their
+    /// backward can be skipped: without the KL term (`beta == 0`) every loss type's per-token
+    /// loss is the advantage times a function of the ratio, so completions whose advantages are
+    /// all zero (groups whose rewards all agree) add nothing to the gradient.
+    pub fn gradient_vanishes(&self, advantages: &Tensor) -> Result<bool> {
+        if self.beta != 0.0 {
+            return Ok(false);
+        }
+        let advantages = advantages
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(advantages.iter().all(|&a| a == 0.0))
+    }
 }
 
 /// The tensors of one micro-batch, all `[B, C]` except `advantages` (`[B]`).

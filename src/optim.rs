@@ -61,6 +61,19 @@ impl Gradients {
         Ok(())
     }
 
+    /// Gives each of `params` without a gradient a zero one: what a backward through a loss
+    /// of zero gradient gives them (torch's zeros, not `None`: AdamW still moves such a
+    /// parameter by its momentum and weight decay).
+    pub fn add_zeros_where_missing(&mut self, params: &[(String, Var)]) -> Result<()> {
+        for (name, var) in params {
+            if !self.by_name.contains_key(name) {
+                self.by_name
+                    .insert(name.clone(), var.as_tensor().zeros_like()?);
+            }
+        }
+        Ok(())
+    }
+
     /// The gradient of `name`, if the loss reached it.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.by_name.get(name)

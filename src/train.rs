@@ -16,6 +16,8 @@
 //!    the GRPO loss normalised by the whole micro-batch, backward, gradients accumulated by
 //!    parameter name, the chunk's graph dropped before the next one (with several CPU
 //!    workers, each takes one chunk at a time; gradients are summed in the chunks' order);
+//!    a chunk whose gradient is zero (`beta = 0` and every advantage 0: groups whose rewards
+//!    all agree) skips its backward;
 //!
 //!    with `use_peft` the trained parameters are LoRA adapters on the frozen base, and the
 //!    reference is that base with the adapters switched off (no second model);
@@ -626,7 +628,8 @@ struct MicroStep {
 /// Loss and gradients of one micro-batch, in chunks ([`chunk_size`]): each chunk's loss is
 /// normalised by the whole micro-batch and back-propagated, its graph dropped before its
 /// gradients join `grads`, so the sums equal one pass over the whole micro-batch. The workers
-/// take one chunk each at a time; the gradients are summed in the chunks' order.
+/// take one chunk each at a time; the gradients are summed in the chunks' order. A chunk whose
+/// gradient is zero runs forward only.
 #[allow(clippy::too_many_arguments)]
 fn micro_step(
     policy: &Qwen2,
@@ -666,19 +669,30 @@ fn micro_step(
             TopEntropy::Threshold(threshold)
         }
     };
-    let indexed: Vec<(usize, &TrainBatch)> = chunks.iter().enumerate().collect();
-    for wave in indexed.chunks(workers.count()) {
+    // Without the KL term, a chunk whose advantages are all zero (groups whose rewards all
+    // agree) has a zero gradient: it runs forward only, for its entropy and its share of the
+    // metrics. Chunks with a backward go first, so that a wave of workers holds chunks of like
+    // cost; the gradients are summed in the chunks' order all the same, and so is the rest.
+    let backward: Vec<bool> = chunks
+        .iter()
+        .map(|chunk| Ok(!loss_params.gradient_vanishes(&chunk.advantages)?))
+        .collect::<Result<_>>()?;
+    let mut order: Vec<usize> = (0..chunks.len()).collect();
+    order.sort_by_key(|&index| !backward[index]);
+    let mut done_chunks: Vec<Option<ChunkStep>> = chunks.iter().map(|_| None).collect();
+    for wave in order.chunks(workers.count()) {
         let (done, seconds) = meters.stopwatch.time(|| {
-            workers.map(wave.to_vec(), |(index, chunk)| {
+            workers.map(wave.to_vec(), |index| {
                 chunk_step(
                     &training(index),
                     reference,
-                    chunk,
+                    &chunks[index],
                     cfg,
                     ChunkLoss {
                         params: loss_params,
                         micro_batch,
                         top_entropy,
+                        backward: backward[index],
                     },
                     meters,
                 )
@@ -690,12 +704,21 @@ fn micro_step(
         let reference_share = reference_seconds / (policy_seconds + reference_seconds).max(1e-12);
         times.reference += seconds * reference_share;
         times.policy += seconds * (1.0 - reference_share);
-        for chunk in done {
-            grads.accumulate(policy.named_parameters(), &chunk.grads)?;
-            loss_value += chunk.loss;
-            metrics.push(chunk.metrics);
-            entropy = entropy + chunk.entropy;
+        for (&index, mut chunk) in wave.iter().zip(done) {
+            if let Some(chunk_grads) = chunk.grads.take() {
+                grads.accumulate(policy.named_parameters(), &chunk_grads)?;
+            }
+            done_chunks[index] = Some(chunk);
         }
+    }
+    if backward.contains(&false) {
+        // Zeros where no backward reached (when none ran), as torch's backward gives.
+        grads.add_zeros_where_missing(policy.named_parameters())?;
+    }
+    for chunk in done_chunks.into_iter().flatten() {
+        loss_value += chunk.loss;
+        metrics.push(chunk.metrics);
+        entropy = entropy + chunk.entropy;
     }
     Ok(MicroStep {
         loss: loss_value,
@@ -729,13 +752,16 @@ enum TopEntropy {
     Threshold(Option<f32>),
 }
 
-/// How a chunk's loss is made: the loss parameters, the micro-batch it is normalised by and
-/// the tokens its policy term keeps.
+/// How a chunk's loss is made: the loss parameters, the micro-batch it is normalised by, the
+/// tokens its policy term keeps and whether it is back-propagated.
 #[derive(Clone, Copy)]
 struct ChunkLoss<'a> {
     params: &'a LossParams,
     micro_batch: MicroBatchSize,
     top_entropy: TopEntropy,
+    /// `false` for a chunk whose gradient is zero ([`LossParams::gradient_vanishes`]): forward
+    /// only.
+    backward: bool,
 }
 
 /// One chunk's loss and gradients, and the seconds its policy and reference passes took.
@@ -743,12 +769,14 @@ struct ChunkStep {
     loss: f64,
     metrics: LossMetrics,
     entropy: grpo::Mean,
-    grads: GradStore,
+    /// `None` when it ran forward only ([`ChunkLoss::backward`]).
+    grads: Option<GradStore>,
     policy_seconds: f64,
     reference_seconds: f64,
 }
 
-/// Forward passes, loss and backward of one chunk (see [`micro_step`]).
+/// Forward passes, loss and backward (unless its gradient is zero) of one chunk (see
+/// [`micro_step`]).
 fn chunk_step(
     policy: &Qwen2,
     reference: Option<&Qwen2>,
@@ -801,7 +829,8 @@ fn chunk_step(
         how.micro_batch,
     )?;
     let ((chunk_loss, grads), backward_time) = meters.stopwatch.time(|| -> Result<_> {
-        Ok((loss.loss.to_scalar::<f32>()? as f64, loss.loss.backward()?))
+        let grads = how.backward.then(|| loss.loss.backward()).transpose()?;
+        Ok((loss.loss.to_scalar::<f32>()? as f64, grads))
     })?;
     meters.memory.sample();
     Ok(ChunkStep {

@@ -302,6 +302,57 @@ fn every_option_changes_the_gradient() {
     );
 }
 
+/// Training skips the backward of completions whose gradient is zero
+/// (`LossParams::gradient_vanishes`): for every variant, with its off-policy ratios, entropy
+/// mask and options, zero advantages without the KL term give exactly zero gradient; with the KL
+/// term (the fixture's reference log-probs differ from the policy's) or with the case's own
+/// advantages they do not, and the predicate says so.
+#[test]
+fn zero_advantages_without_kl_give_zero_gradient_for_every_variant() {
+    let f = fixture();
+    let rows = f.rows();
+    let zeros = f.tensor("inputs.advantages").zeros_like().unwrap();
+    for name in f.names() {
+        let entropy_mask = f.entropy_mask(&name, 0..rows);
+        let grad = |params: &LossParams, advantages: &Tensor| {
+            let logp = Var::from_tensor(f.tensor("inputs.logp")).unwrap();
+            let inputs = LossInputs {
+                logp: logp.as_tensor(),
+                old_logp: f.tensor("inputs.old_logp"),
+                ref_logp: Some(f.tensor("inputs.ref_logp")),
+                advantages,
+                mask: f.mask(),
+                entropy_mask: entropy_mask.as_ref(),
+            };
+            grad_of(&logp, &grpo_loss(&inputs, params).unwrap())
+        };
+        let without_kl = LossParams {
+            beta: 0.0,
+            ..f.params(&name)
+        };
+        assert!(without_kl.gradient_vanishes(&zeros).unwrap(), "{name}");
+        assert_eq!(
+            largest(&grad(&without_kl, &zeros)),
+            0.0,
+            "{name}: zero gradient"
+        );
+
+        let advantages = f.tensor("inputs.advantages");
+        assert!(!without_kl.gradient_vanishes(advantages).unwrap(), "{name}");
+        assert!(largest(&grad(&without_kl, advantages)) > 0.0, "{name}");
+
+        let with_kl = LossParams {
+            beta: 0.04,
+            ..f.params(&name)
+        };
+        assert!(!with_kl.gradient_vanishes(&zeros).unwrap(), "{name}");
+        assert!(
+            largest(&grad(&with_kl, &zeros)) > 0.0,
+            "{name}: the KL term's gradient"
+        );
+    }
+}
+
 /// `forward_batch_size` cuts a micro-batch into row chunks: for every variant the chunks'
 /// losses and gradients sum to the whole micro-batch's and their metrics combine to its own
 /// (sequence-level clip ratios count sequences, token-level ones tokens; the entropy threshold

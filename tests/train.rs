@@ -466,6 +466,92 @@ fn forward_batch_size_and_cpu_workers_change_neither_loss_nor_gradients() {
     }
 }
 
+/// Without the KL term, the chunks of groups whose rewards all agree run forward only (their
+/// gradient is zero): one group per chunk on 2 workers, with and without such groups skipped
+/// (`beta = 0` skips them; at step 1 the KL term is 0 and so is its gradient, but `beta > 0`
+/// back-propagates every chunk), the step trains alike and logs the same metrics.
+#[test]
+fn groups_whose_rewards_agree_skip_the_backward_and_change_nothing() {
+    let initial = weights(&golden_dir().join("model.safetensors"));
+    let run = |beta: &str| {
+        ChunkingRun::new(
+            &[
+                "max_steps=1",
+                "forward_batch_size=2",
+                "cpu_workers=2",
+                &format!("beta={beta}"),
+                // Completions that all reach max_completion_length get the same penalty: with
+                // this seed, two of the three groups.
+                r#"reward_funcs=["soft_overlong_punishment"]"#,
+                "seed=1",
+            ],
+            "model.safetensors",
+        )
+    };
+    let skipping = run("0.0");
+    let zero_std = value(&skipping.metrics[0], "frac_reward_zero_std");
+    assert!(
+        zero_std > 0.0 && zero_std < 1.0,
+        "the step needs groups of both kinds (another seed?): frac_reward_zero_std {zero_std}"
+    );
+    skipping.assert_trains_as(
+        &run("0.04"),
+        &initial,
+        &[
+            "loss",
+            "grad_norm",
+            "entropy",
+            "clip_ratio/region_mean",
+            "reward",
+        ],
+        "beta = 0 (skipping) against beta = 0.04",
+    );
+}
+
+/// A step whose groups all agree (no reward is ever earned) back-propagates nothing, yet moves
+/// the weights as torch's AdamW does with zero gradients: weight decay alone, on the matrices
+/// (HF's decay grouping leaves biases and norms alone).
+#[test]
+fn a_step_without_any_gradient_still_applies_weight_decay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &[
+            r#"reward_funcs=["correctness"]"#,
+            "beta=0.0",
+            "max_steps=1",
+            "gradient_accumulation_steps=1",
+            "learning_rate=0.5",
+            "weight_decay=0.1",
+        ],
+    );
+    grpo::train::train(&cfg).unwrap();
+    let out = dir.path().join("out");
+    let logged = &metrics(&out)[0];
+    assert_eq!(value(logged, "frac_reward_zero_std"), 1.0, "{logged}");
+    assert_eq!(value(logged, "grad_norm"), 0.0, "{logged}");
+    let initial = weights(&golden_dir().join("model.safetensors"));
+    let trained = weights(&out.join("model.safetensors"));
+    let mut decayed = 0;
+    for ((name, before), (_, after)) in initial.iter().zip(&trained) {
+        let factor = match name.ends_with(".bias") || name.contains("norm") {
+            true => 1.0,
+            false => {
+                decayed += 1;
+                1.0 - 0.5 * 0.1
+            }
+        };
+        for (&w0, &w1) in before.iter().zip(after) {
+            let want = w0 * factor;
+            assert!(
+                (w1 - want).abs() <= 1e-6 * want.abs(),
+                "{name}: {w1} vs {want}"
+            );
+        }
+    }
+    assert!(decayed > 0, "some weights decay");
+}
+
 /// On Linux the CPU peak is the process's `VmHWM` since the step began; other systems log no
 /// memory metric. Run as its own process (so no other test's memory counts), whose resident
 /// size this test samples while it trains: each step's peak is at least about the resident size
