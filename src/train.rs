@@ -711,8 +711,8 @@ fn micro_step(
             done_chunks[index] = Some(chunk);
         }
     }
-    if backward.contains(&false) {
-        // Zeros where no backward reached (when none ran), as torch's backward gives.
+    if !backward.contains(&true) {
+        // No backward ran: zeros for every parameter, as torch's backward would give.
         grads.add_zeros_where_missing(policy.named_parameters())?;
     }
     for chunk in done_chunks.into_iter().flatten() {
