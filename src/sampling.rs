@@ -820,7 +820,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Replaces logits by unnormalised probabilities `exp(x - max)` and returns their sum.
 fn softmax_in_place(logits: &mut [f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = simd::max(logits);
     logits.iter_mut().for_each(|x| *x -= max);
     simd::exp_in_place(logits);
     simd::sum_f64(logits)

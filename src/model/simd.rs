@@ -1,7 +1,8 @@
-//! Exponentials and sums over f32 slices, written so that the compiler turns them into vector
-//! code: SSE2 on any x86-64 CPU, AVX2 where the CPU has it (chosen at run time). The softmaxes,
-//! log-softmaxes and SwiGLU of [`super::fused`] spend most of their time here; glibc's `expf`
-//! is one scalar call per element (and a slow path for every masked attention key).
+//! Exponentials, maxima and sums over f32 slices, written so that the compiler turns them into
+//! vector code: SSE2 on any x86-64 CPU, AVX2 where the CPU has it (chosen at run time, see
+//! [`vectorised`]). The softmaxes, log-softmaxes and SwiGLU of [`super::fused`] spend most of
+//! their time here; glibc's `expf` is one scalar call per element (and a slow path for every
+//! masked attention key), and a plain `fold(f32::max)` is one dependent comparison per element.
 //!
 //! The results are the same bit for bit at every vector width and on every x86-64 CPU: no fused
 //! multiply-adds, and every sum in a fixed order of [`LANES`] partial sums, so a run does not
@@ -11,26 +12,59 @@
 /// vector width.
 pub(super) const LANES: usize = 8;
 
+/// Defines a public function from one body compiled twice: for the baseline (SSE2 on x86-64)
+/// and, on x86-64, for AVX2, which it runs when the CPU has it. The body must not depend on the
+/// vector width for its result (fixed partial sums, no fused multiply-adds), and AVX2 alone
+/// (without FMA) lets the compiler fuse nothing.
+macro_rules! vectorised {
+    ($(#[$attr:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports the feature `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 /// Above this, `e^x` overflows f32: the result is +inf.
 const EXP_HIGH: f32 = 88.722_84;
 /// Below this, `e^x` rounds to zero in f32 (denormals included): the result is 0.
 const EXP_LOW: f32 = -103.972_08;
 
-/// `e^x` for each element, in place (at most ~2 units in the last place from the true value;
-/// NaN stays NaN).
-pub fn exp_in_place(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports the feature the function is compiled for.
-        return unsafe { exp_in_place_avx2(values) };
+vectorised! {
+    /// `e^x` for each element, in place (at most ~2 units in the last place from the true value;
+    /// NaN stays NaN).
+    pub fn exp_in_place(values: &mut [f32]) {
+        values.iter_mut().for_each(|v| *v = exp(*v));
     }
-    values.iter_mut().for_each(|v| *v = exp(*v));
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn exp_in_place_avx2(values: &mut [f32]) {
-    values.iter_mut().for_each(|v| *v = exp(*v));
+vectorised! {
+    /// The largest of `values`, NaNs ignored (as `f32::max`; `-inf` when there is none), from
+    /// [`LANES`] partial maxima: no chain of dependent comparisons.
+    pub fn max(values: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let chunks = values.chunks_exact(LANES);
+        let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane = lane.max(v);
+            }
+        }
+        lanes.into_iter().fold(tail, f32::max)
+    }
 }
 
 /// `e^x` without branches (so loops over it vectorise): `x = n ln2 + r` with `|r| <= ln2 / 2`,
@@ -68,71 +102,79 @@ fn exp(x: f32) -> f32 {
     }
 }
 
-/// The sum of `values`, in [`LANES`] partial sums combined in a fixed order.
-pub fn sum(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane += v;
+vectorised! {
+    /// The sum of `values`, in [`LANES`] partial sums combined in a fixed order.
+    pub fn sum(values: &[f32]) -> f32 {
+        let mut lanes = [0f32; LANES];
+        let chunks = values.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for chunk in chunks {
+            for (lane, v) in lanes.iter_mut().zip(chunk) {
+                *lane += v;
+            }
         }
+        combine(lanes) + tail
     }
-    combine(lanes) + tail
 }
 
-/// `Σ a_i b_i`, in [`LANES`] partial sums combined in a fixed order.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
-    let mut lanes = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = (a_chunks.remainder().iter())
-        .zip(b_chunks.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for ((lane, a), b) in lanes.iter_mut().zip(a).zip(b) {
-            *lane += a * b;
+vectorised! {
+    /// `Σ a_i b_i`, in [`LANES`] partial sums combined in a fixed order.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
+        let mut lanes = [0f32; LANES];
+        let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let tail: f32 = (a_chunks.remainder().iter())
+            .zip(b_chunks.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        for (a, b) in a_chunks.zip(b_chunks) {
+            for ((lane, a), b) in lanes.iter_mut().zip(a).zip(b) {
+                *lane += a * b;
+            }
         }
+        combine(lanes) + tail
     }
-    combine(lanes) + tail
 }
 
-/// The sum of `values` accumulated in f64, in [`LANES`] partial sums combined in a fixed order.
-pub fn sum_f64(values: &[f32]) -> f64 {
-    let mut lanes = [0f64; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f64::from(v);
+vectorised! {
+    /// The sum of `values` accumulated in f64, in [`LANES`] partial sums combined in a fixed order.
+    pub fn sum_f64(values: &[f32]) -> f64 {
+        let mut lanes = [0f64; LANES];
+        let chunks = values.chunks_exact(LANES);
+        let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += f64::from(v);
+            }
         }
+        combine_f64(lanes) + tail
     }
-    combine_f64(lanes) + tail
 }
 
-/// `(Σ e_i, Σ e_i x_i)` accumulated in f64 (in [`LANES`] partial sums each): the normaliser and
-/// the entropy's numerator of a softmax over a vocabulary, whose f32 sums would lose ~1e-4 over
-/// 152k terms.
-pub fn sums_f64(e: &[f32], x: &[f32]) -> (f64, f64) {
-    assert_eq!(e.len(), x.len(), "sums of slices of different lengths");
-    let (mut total, mut weighted) = ([0f64; LANES], [0f64; LANES]);
-    let (e_chunks, x_chunks) = (e.chunks_exact(LANES), x.chunks_exact(LANES));
-    let (mut total_tail, mut weighted_tail) = (0f64, 0f64);
-    for (e, x) in e_chunks.remainder().iter().zip(x_chunks.remainder()) {
-        total_tail += f64::from(*e);
-        weighted_tail += f64::from(e * x);
-    }
-    for (e, x) in e_chunks.zip(x_chunks) {
-        for lane in 0..LANES {
-            total[lane] += f64::from(e[lane]);
-            weighted[lane] += f64::from(e[lane] * x[lane]);
+vectorised! {
+    /// `(Σ e_i, Σ e_i x_i)` accumulated in f64 (in [`LANES`] partial sums each): the normaliser and
+    /// the entropy's numerator of a softmax over a vocabulary, whose f32 sums would lose ~1e-4 over
+    /// 152k terms.
+    pub fn sums_f64(e: &[f32], x: &[f32]) -> (f64, f64) {
+        assert_eq!(e.len(), x.len(), "sums of slices of different lengths");
+        let (mut total, mut weighted) = ([0f64; LANES], [0f64; LANES]);
+        let (e_chunks, x_chunks) = (e.chunks_exact(LANES), x.chunks_exact(LANES));
+        let (mut total_tail, mut weighted_tail) = (0f64, 0f64);
+        for (e, x) in e_chunks.remainder().iter().zip(x_chunks.remainder()) {
+            total_tail += f64::from(*e);
+            weighted_tail += f64::from(e * x);
         }
+        for (e, x) in e_chunks.zip(x_chunks) {
+            for lane in 0..LANES {
+                total[lane] += f64::from(e[lane]);
+                weighted[lane] += f64::from(e[lane] * x[lane]);
+            }
+        }
+        (
+            combine_f64(total) + total_tail,
+            combine_f64(weighted) + weighted_tail,
+        )
     }
-    (
-        combine_f64(total) + total_tail,
-        combine_f64(weighted) + weighted_tail,
-    )
 }
 
 /// The [`LANES`] partial sums added pairwise, in the order a vector reduction adds them.
@@ -231,6 +273,36 @@ mod tests {
         let mut portable = inputs.clone();
         portable.iter_mut().for_each(|v| *v = exp(*v));
         assert_eq!(portable, vector);
+    }
+
+    #[test]
+    fn max_is_the_largest_value_ignoring_nans_at_every_length() {
+        let values: Vec<f32> = (0..37)
+            .map(|i| ((i * 29 % 31) as f32 - 15.0) * 0.37)
+            .collect();
+        for len in 0..values.len() {
+            for nan_at in [None, Some(len / 2)] {
+                let mut row = values[..len].to_vec();
+                if let Some(i) = nan_at.filter(|&i| i < len) {
+                    row[i] = f32::NAN;
+                }
+                let want = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(max(&row).to_bits(), want.to_bits(), "{row:?}");
+            }
+        }
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(max(&[f32::NAN; 9]), f32::NEG_INFINITY);
+        assert_eq!(
+            max(&[-3.0, f32::INFINITY, 1.0, -1.0, 0.0, 2.0, 5.0, 7.0, 8.0]),
+            f32::INFINITY
+        );
+        // The largest value last, in the tail, and first.
+        let mut row = vec![-1.0f32; 19];
+        for at in [18, 0, 9] {
+            row[at] = 4.5;
+            assert_eq!(max(&row), 4.5);
+            row[at] = -1.0;
+        }
     }
 
     #[test]
