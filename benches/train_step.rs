@@ -126,6 +126,7 @@ fn generation_spec(config: &Config, vocab_size: usize) -> GenerationSpec {
         pad_id: 0,
         params: SamplingParams::from_config(config),
         seed: SEED,
+        entropy_temperature: None,
     }
 }
 

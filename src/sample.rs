@@ -369,6 +369,7 @@ impl Generator {
             pad_id: self.stop.pad_id,
             params,
             seed,
+            entropy_temperature: None,
         };
         let completions = generate_on(&self.workers, &self.model, &prompts, &spec)
             .with_context(|| format!("sampling from the model {}", self.source))?;

@@ -8,7 +8,9 @@
 //! processors with tensor ops where the logits are ([`choose_on_device`], tested against the
 //! chooser and transformers' processors on the CPU device): each row's seeded RNG still draws
 //! its uniform number on the host, and only that number (and, for a repetition penalty, the
-//! row's token ids so far) goes to the device and the token ids come back.
+//! row's token ids so far) goes to the device and the token ids come back. On request, each
+//! drawn token's entropy (of the tempered distribution before the other processors) is
+//! recorded where the logits are, for training ([`GenerationSpec::entropy_temperature`]).
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
@@ -17,7 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use std::ops::Range;
 
-use crate::model::{position_ids_from_mask, simd, ModelFiles, Qwen2};
+use crate::model::{next_token_entropies, position_ids_from_mask, simd, ModelFiles, Qwen2};
 use crate::prompt::{left_pad, ChatTokenizer};
 use crate::workers::{split_evenly, Workers};
 
@@ -194,6 +196,10 @@ pub struct Completions {
     pub truncated: Vec<bool>,
     /// Width of every row: the longest row's length (at most max_new_tokens).
     pub width: usize,
+    /// With [`GenerationSpec::entropy_temperature`]: for each row, the entropy of the
+    /// distribution each of its `lengths[r]` tokens was drawn from (before the processors, at
+    /// that temperature): what the training forward logs as `entropy`, from the sampling logits.
+    pub entropies: Option<Vec<Vec<f32>>>,
 }
 
 /// The ids that end a completion and the id that pads after it.
@@ -245,6 +251,8 @@ pub struct GenerationSpec {
     pub params: SamplingParams,
     /// Row `i` draws from its own RNG seeded from (seed, i): reproducible whatever the batch.
     pub seed: u64,
+    /// Record each drawn token's entropy at this temperature ([`Completions::entropies`]).
+    pub entropy_temperature: Option<f64>,
 }
 
 /// Samples `spec.group_size` completions per prompt (unpadded prompt token ids). Each prompt is
@@ -305,6 +313,7 @@ pub fn generate_on(
         lengths: Vec::with_capacity(prompts.len() * group),
         truncated: Vec::with_capacity(prompts.len() * group),
         width,
+        entropies: spec.entropy_temperature.map(|_| Vec::new()),
     };
     for part in parts {
         for mut ids in part.ids {
@@ -313,6 +322,9 @@ pub fn generate_on(
         }
         completions.lengths.extend(part.lengths);
         completions.truncated.extend(part.truncated);
+        if let (Some(all), Some(part)) = (&mut completions.entropies, part.entropies) {
+            all.extend(part);
+        }
     }
     Ok(completions)
 }
@@ -362,6 +374,12 @@ fn generate_rows(
 
     for step in 0..spec.max_new_tokens {
         let tokens = choose_tokens(&logits, &mut rows, &active, spec.params, step)?;
+        if let Some(temperature) = spec.entropy_temperature {
+            let entropies = next_token_entropies(&logits, temperature)?;
+            for (&row, entropy) in active.iter().zip(entropies) {
+                rows[row].entropies.push(entropy);
+            }
+        }
         for (&row, token) in active.iter().zip(tokens) {
             rows[row].push(token, &spec.eos_ids);
         }
@@ -420,6 +438,9 @@ fn generate_rows(
         lengths: Vec::with_capacity(rows.len()),
         truncated: Vec::with_capacity(rows.len()),
         width,
+        entropies: spec
+            .entropy_temperature
+            .map(|_| Vec::with_capacity(rows.len())),
     };
     for row in rows {
         let generated = row.generated();
@@ -429,6 +450,9 @@ fn generate_rows(
             .push(generated.iter().copied().chain(padding).collect());
         completions.lengths.push(generated.len());
         completions.truncated.push(!row.finished);
+        if let Some(entropies) = &mut completions.entropies {
+            entropies.push(row.entropies);
+        }
     }
     Ok(completions)
 }
@@ -444,6 +468,8 @@ struct Row {
     index: usize,
     /// An EOS id has been generated.
     finished: bool,
+    /// The entropy at each generated token, when recorded.
+    entropies: Vec<f32>,
 }
 
 impl Row {
@@ -456,6 +482,7 @@ impl Row {
             prompt_len: prompt.len(),
             index,
             finished: false,
+            entropies: Vec::new(),
         }
     }
 
@@ -950,6 +977,7 @@ mod tests {
             pad_id: 0,
             params,
             seed: rng.random(),
+            entropy_temperature: None,
         };
         (0..6)
             .map(|index| {
@@ -1108,6 +1136,7 @@ mod tests {
                     pad_id: 0,
                     params,
                     seed: 21,
+                    entropy_temperature: None,
                 };
                 let rows = prompts.iter().enumerate();
                 rows.map(|(index, prompt)| Row::new(prompt, &spec, index))

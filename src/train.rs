@@ -345,6 +345,43 @@ impl Generations {
     }
 }
 
+/// Whether sampling records each token's entropy, so that a chunk whose gradient vanishes
+/// needs no forward pass: the entropy is all such a chunk's forward yields (its loss is zero and
+/// no token of it counts as clipped), and sampling's is the same quantity (the same fused op on
+/// the same policy's logits, summed in another order) when the policy samples and trains with
+/// the same weights and the same forward. So: no KL term (with `beta` > 0 every chunk has a
+/// gradient), no `top_entropy_quantile` mask (it needs every chunk's forward entropies), every
+/// generation trained on before an optimizer step changes the weights, and no LoRA dropout
+/// (the training forward applies it, sampling does not).
+fn entropies_from_sampling(cfg: &Config) -> bool {
+    cfg.beta == 0.0
+        && cfg.top_entropy_quantile >= 1.0
+        && !Generations::from_config(cfg).need_old_logprobs()
+        && !(cfg.use_peft && cfg.lora_dropout > 0.0)
+}
+
+/// The sampling-time entropies of `groups`' completions as `[rows, width]` (0 past each
+/// completion), when sampling recorded them.
+fn sampled_entropies(
+    groups: &[SampledGroup],
+    width: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let mut flat = Vec::new();
+    for group in groups {
+        let Some(entropies) = &group.entropies else {
+            return Ok(None);
+        };
+        for row in entropies {
+            let row = &row[..row.len().min(width)];
+            flat.extend_from_slice(row);
+            flat.extend(std::iter::repeat_n(0.0, width - row.len()));
+        }
+    }
+    let rows = flat.len() / width.max(1);
+    Ok(Some(Tensor::from_vec(flat, (rows, width), device)?))
+}
+
 /// One micro-batch of sampled experience: prompts, completions, rewards and advantages.
 #[derive(Clone)]
 struct Rollout {
@@ -411,6 +448,9 @@ fn save_rollouts(dir: &Path, rollouts: &[Rollout]) -> Result<()> {
         put("advantages", b.advantages.to_device(&cpu)?);
         if let Some(old) = &b.old_logp {
             put("old_logp", old.to_device(&cpu)?);
+        }
+        if let Some(entropy) = &b.sampled_entropy {
+            put("sampled_entropy", entropy.to_device(&cpu)?);
         }
         let width = per_func.len().checked_div(rows).unwrap_or(0);
         put(
@@ -503,6 +543,10 @@ fn load_rollouts(dir: &Path, device: &Device, micro_batches: usize) -> Result<Ve
                     true => Some(on_device("old_logp")?),
                     false => None,
                 },
+                sampled_entropy: match tensors.contains_key(&format!("{i}.sampled_entropy")) {
+                    true => Some(on_device("sampled_entropy")?),
+                    false => None,
+                },
                 group_size: s.group_size,
             };
             Ok(Rollout {
@@ -558,6 +602,9 @@ struct TrainBatch {
     /// Sampling-time log-probs, kept when the micro-batch is trained on after the weights it
     /// was sampled with changed ([`Generations::need_old_logprobs`]).
     old_logp: Option<Tensor>,
+    /// Sampling-time entropies `[prompts * group_size, C]` (0 past each completion), when
+    /// recorded ([`entropies_from_sampling`]): a chunk with a zero gradient needs no forward.
+    sampled_entropy: Option<Tensor>,
     group_size: usize,
 }
 
@@ -603,6 +650,7 @@ impl TrainBatch {
                     mask: cut(&self.mask)?,
                     advantages: self.advantages.narrow(0, start, len)?,
                     old_logp: self.old_logp.as_ref().map(cut).transpose()?,
+                    sampled_entropy: self.sampled_entropy.as_ref().map(cut).transpose()?,
                     group_size: len.min(group),
                 })
             })
@@ -760,7 +808,7 @@ struct ChunkLoss<'a> {
     micro_batch: MicroBatchSize,
     top_entropy: TopEntropy,
     /// `false` for a chunk whose gradient is zero ([`LossParams::gradient_vanishes`]): forward
-    /// only.
+    /// only, or no pass at all when sampling recorded its entropies ([`zero_gradient_chunk`]).
     backward: bool,
 }
 
@@ -776,7 +824,8 @@ struct ChunkStep {
 }
 
 /// Forward passes, loss and backward (unless its gradient is zero) of one chunk (see
-/// [`micro_step`]).
+/// [`micro_step`]); a chunk whose gradient is zero and whose entropies sampling recorded runs
+/// no pass ([`zero_gradient_chunk`]).
 fn chunk_step(
     policy: &Qwen2,
     reference: Option<&Qwen2>,
@@ -785,6 +834,9 @@ fn chunk_step(
     how: ChunkLoss,
     meters: &Meters,
 ) -> Result<ChunkStep> {
+    if let (false, Some(entropy)) = (how.backward, &chunk.sampled_entropy) {
+        return zero_gradient_chunk(chunk, entropy, how, meters);
+    }
     let (policy_logps, forward_time) = meters
         .stopwatch
         .time(|| grouped_completion_logprobs(policy, &chunk.grouped(), cfg.temperature, true))?;
@@ -843,6 +895,43 @@ fn chunk_step(
     })
 }
 
+/// [`chunk_step`] of a chunk whose gradient vanishes, without a forward pass: its loss and
+/// metrics from log-probs equal to their detached selves, as the forward gives them (every
+/// ratio 1; its advantages are zero, so the loss is zero and no token counts as clipped), its
+/// entropy from sampling ([`entropies_from_sampling`]).
+fn zero_gradient_chunk(
+    chunk: &TrainBatch,
+    sampled_entropy: &Tensor,
+    how: ChunkLoss,
+    meters: &Meters,
+) -> Result<ChunkStep> {
+    let ((loss, metrics, entropy), seconds) = meters.stopwatch.time(|| -> Result<_> {
+        let logp = chunk.mask.zeros_like()?;
+        let loss = grpo::chunk_grpo_loss(
+            &LossInputs {
+                logp: &logp,
+                old_logp: &logp,
+                ref_logp: None,
+                advantages: &chunk.advantages,
+                mask: &chunk.mask,
+                entropy_mask: None,
+            },
+            how.params,
+            how.micro_batch,
+        )?;
+        let entropy = grpo::Mean::masked(sampled_entropy, &chunk.mask)?;
+        Ok((loss.loss.to_scalar::<f32>()? as f64, loss.metrics, entropy))
+    })?;
+    Ok(ChunkStep {
+        loss,
+        metrics,
+        entropy,
+        grads: None,
+        policy_seconds: seconds,
+        reference_seconds: 0.0,
+    })
+}
+
 /// The `top_entropy_quantile` threshold of a micro-batch fed in `chunks`: their entropies
 /// under `training(chunk index)` (the policy chunk `i` is trained with), from forward passes
 /// whose graphs are dropped at once.
@@ -888,6 +977,9 @@ struct SampledGroup {
     prompt_ids: Vec<u32>,
     /// Each completion's sampled ids (as long as it was sampled).
     completions: Vec<Vec<u32>>,
+    /// Each completion's entropy at each of its tokens, when sampling recorded them
+    /// ([`entropies_from_sampling`]).
+    entropies: Option<Vec<Vec<f32>>>,
     texts: Vec<String>,
     rewards_per_func: Vec<Vec<f64>>,
     /// The weighted rewards.
@@ -1036,6 +1128,7 @@ fn sample_groups(
         pad_id: sampler.stop.pad_id,
         params: sampler.params,
         seed,
+        entropy_temperature: entropies_from_sampling(cfg).then_some(cfg.temperature),
     };
     let mut times = PhaseTimes::default();
     let prompts: Vec<Vec<u32>> = examples
@@ -1097,6 +1190,10 @@ fn sample_groups(
                 example: example.clone(),
                 prompt_ids,
                 completions: rows[group.clone()].to_vec(),
+                entropies: sampled
+                    .entropies
+                    .as_ref()
+                    .map(|entropies| entropies[group.clone()].to_vec()),
                 texts: texts[group.clone()].to_vec(),
                 rewards_per_func: rewards_per_func[group.clone()].to_vec(),
                 rewards: weighted[group].to_vec(),
@@ -1137,6 +1234,7 @@ impl Rollout {
             mask: completions.mask_tensor(device)?,
             advantages: Tensor::new(advantages.advantages.as_slice(), device)?,
             old_logp: None,
+            sampled_entropy: sampled_entropies(groups, completions.width(), device)?,
             group_size: sampler.cfg.num_generations,
         };
         Ok(Rollout {
@@ -1344,7 +1442,74 @@ mod tests {
             old_logp: Some(
                 Tensor::from_vec((0..16).map(|v| v as f32).collect(), (4, 4), &device).unwrap(),
             ),
+            sampled_entropy: Some(
+                Tensor::from_vec((16..32).map(|v| v as f32).collect(), (4, 4), &device).unwrap(),
+            ),
             group_size: 2,
+        }
+    }
+
+    #[test]
+    fn sampling_records_entropies_only_where_they_are_the_training_forwards() {
+        let base = Config {
+            beta: 0.0,
+            ..Config::default()
+        };
+        assert!(entropies_from_sampling(&base));
+        let lora = Config {
+            use_peft: true,
+            lora_dropout: 0.0,
+            ..base.clone()
+        };
+        assert!(entropies_from_sampling(&lora), "LoRA without dropout");
+        let accumulated = Config {
+            gradient_accumulation_steps: 4,
+            steps_per_generation: Some(2),
+            num_iterations: 2,
+            ..base.clone()
+        };
+        assert!(
+            entropies_from_sampling(&accumulated),
+            "two passes within one step"
+        );
+        for (what, cfg) in [
+            (
+                "a KL term",
+                Config {
+                    beta: 0.04,
+                    ..base.clone()
+                },
+            ),
+            (
+                "a top-entropy mask",
+                Config {
+                    top_entropy_quantile: 0.8,
+                    ..base.clone()
+                },
+            ),
+            (
+                "a second pass after an update",
+                Config {
+                    num_iterations: 2,
+                    ..base.clone()
+                },
+            ),
+            (
+                "a generation over two steps",
+                Config {
+                    steps_per_generation: Some(2),
+                    ..base.clone()
+                },
+            ),
+            (
+                "LoRA dropout",
+                Config {
+                    lora_dropout: 0.05,
+                    ..lora.clone()
+                },
+            ),
+        ] {
+            assert!(!entropies_from_sampling(&cfg), "{what}");
         }
     }
 
@@ -1393,6 +1558,15 @@ mod tests {
                 .to_vec2::<f32>()
                 .unwrap(),
             [[8., 9.], [12., 13.]]
+        );
+        assert_eq!(
+            groups[1]
+                .sampled_entropy
+                .as_ref()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            [[24., 25.], [28., 29.]]
         );
         assert_eq!(groups[1].advantages.to_vec1::<f32>().unwrap(), [0.5, -0.5]);
 

@@ -337,6 +337,7 @@ fn bf16_sampling_decodes_with_the_bf16_cache_like_the_bf16_forward() {
         pad_id: 0,
         params: SamplingParams::greedy(),
         seed: 0,
+        entropy_temperature: None,
     };
     let out = generate(&model, &prompts, &spec).unwrap();
     for (row, ids) in out.ids.iter().enumerate() {

@@ -1,8 +1,8 @@
 //! `sampling::generate` on the golden tiny model: greedy decoding with the KV cache against the
 //! argmax of full forwards, reproducible seeds, stopping at EOS with padding and truncation
 //! flags, first-token frequencies against the model's softmax, and the same completions when
-//! the batch is sharded over workers; the processors of the chooser and of `choose_on_device`
-//! against transformers'.
+//! the batch is sharded over workers; the entropies recorded for training; the processors of the
+//! chooser and of `choose_on_device` against transformers'.
 
 mod common;
 
@@ -60,6 +60,7 @@ fn spec(params: SamplingParams, group_size: usize, max_new_tokens: usize) -> Gen
         pad_id: pad_id(&files),
         params,
         seed: 1234,
+        entropy_temperature: None,
     }
 }
 
@@ -345,6 +346,85 @@ fn shards_on_several_workers_give_the_completions_of_one_batch() {
             let workers = Workers::with_threads(threads).unwrap();
             let sharded = generate_on(&workers, &model, &prompts, &stopping).unwrap();
             assert_eq!(sharded, whole, "{threads} workers, {params:?}");
+        }
+    }
+}
+
+/// The entropy of `softmax(logits / temperature)`, in f64.
+fn tempered_entropy(logits: &[f32], temperature: f64) -> f64 {
+    let scaled: Vec<f64> = logits.iter().map(|&x| f64::from(x) / temperature).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let total: f64 = scaled.iter().map(|x| (x - max).exp()).sum();
+    let log_total = total.ln();
+    -scaled
+        .iter()
+        .map(|x| {
+            let log_p = x - max - log_total;
+            log_p.exp() * log_p
+        })
+        .sum::<f64>()
+}
+
+#[test]
+fn recorded_entropies_are_those_of_the_tempered_distribution_each_token_came_from() {
+    // Processors change which tokens are drawn, not the entropy recorded: that of the plain
+    // tempered distribution at the token's position, as the training forward computes it.
+    let model = model();
+    let prompts = prompts();
+    let temperature = 0.8;
+    let params = SamplingParams {
+        top_k: 7,
+        repetition_penalty: 1.3,
+        ..sampled(temperature as f32)
+    };
+    let unrecorded = spec(params, 2, 6);
+    assert_eq!(
+        generate(&model, &prompts, &unrecorded).unwrap().entropies,
+        None
+    );
+    let base = generate(&model, &prompts, &unrecorded).unwrap();
+    let stopping = GenerationSpec {
+        eos_ids: vec![base.ids[0][1]],
+        entropy_temperature: Some(temperature),
+        ..unrecorded
+    };
+    let got = generate(&model, &prompts, &stopping).unwrap();
+    let entropies = got.entropies.as_ref().expect("recorded when asked");
+    assert!(
+        got.lengths.iter().any(|&n| n < 6),
+        "some row stops early: {:?}",
+        got.lengths
+    );
+    for (row, row_entropies) in entropies.iter().enumerate() {
+        let length = got.lengths[row];
+        assert_eq!(
+            row_entropies.len(),
+            length,
+            "one entropy per token of row {row}"
+        );
+        let prompt = &prompts[row / 2];
+        let ids: Vec<u32> = prompt
+            .iter()
+            .chain(&got.ids[row][..length])
+            .copied()
+            .collect();
+        let logits = full_forward_logits(&model, &ids);
+        for (j, &entropy) in row_entropies.iter().enumerate() {
+            let want = tempered_entropy(&logits[prompt.len() - 1 + j], temperature);
+            assert!(
+                (f64::from(entropy) - want).abs() <= 1e-5 * want.abs() + 1e-6,
+                "row {row}, token {j}: {entropy} vs {want}"
+            );
+        }
+    }
+    // Shards record the same entropies for the same rows.
+    let workers = Workers::with_threads(2).unwrap();
+    let sharded = generate_on(&workers, &model, &prompts, &stopping).unwrap();
+    assert_eq!(sharded.ids, got.ids);
+    for (a, b) in sharded.entropies.unwrap().iter().zip(entropies) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * y.abs() + 1e-6, "{x} vs {y}");
         }
     }
 }

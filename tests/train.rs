@@ -466,12 +466,13 @@ fn forward_batch_size_and_cpu_workers_change_neither_loss_nor_gradients() {
     }
 }
 
-/// Without the KL term, the chunks of groups whose rewards all agree run forward only (their
-/// gradient is zero): one group per chunk on 2 workers, with and without such groups skipped
-/// (`beta = 0` skips them; at step 1 the KL term is 0 and so is its gradient, but `beta > 0`
-/// back-propagates every chunk), the step trains alike and logs the same metrics.
+/// Without the KL term, the chunks of groups whose rewards all agree run no pass at all (their
+/// gradient is zero; their entropies come from sampling): one group per chunk on 2 workers,
+/// with and without such groups skipped (`beta = 0` skips them; at step 1 the KL term is 0 and
+/// so is its gradient, but `beta > 0` runs the forward and backward of every chunk), the step
+/// trains alike and logs the same metrics, the entropy included.
 #[test]
-fn groups_whose_rewards_agree_skip_the_backward_and_change_nothing() {
+fn groups_whose_rewards_agree_skip_their_passes_and_change_nothing() {
     let initial = weights(&golden_dir().join("model.safetensors"));
     let run = |beta: &str| {
         ChunkingRun::new(

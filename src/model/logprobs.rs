@@ -156,6 +156,19 @@ impl CustomOp3 for LmHeadLogprob {
     }
 }
 
+/// The entropy of `softmax(logits / temperature)` for each row of `logits` `[rows, vocab]`
+/// (f32), computed as [`token_logprobs`] computes it (the same fused op), on the logits' device;
+/// only the `rows` values come to the host. Sampling records it for each token it draws.
+pub fn next_token_entropies(logits: &Tensor, temperature: f64) -> Result<Vec<f32>> {
+    let rows = logits.dim(0)?;
+    let targets = Tensor::zeros((rows, 1), DType::U32, logits.device())?;
+    let stats = logits
+        .contiguous()?
+        .apply_op2_no_bwd(&targets, &fused::LogSoftmaxGather { temperature })?;
+    // [rows, 3]: log-prob (of token 0, unused), entropy, log-normaliser.
+    stats.narrow(1, 1, 1)?.squeeze(1)?.to_vec1::<f32>()
+}
+
 /// Log-probs of `targets` `[b, c]` from the hidden states that predict them,
 /// `predictor_hidden` `[b, c, hidden]` (position `j` predicts `targets[:, j]`).
 pub fn token_logprobs(

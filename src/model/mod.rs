@@ -19,7 +19,8 @@ pub mod simd;
 
 pub use load::{ModelFamily, ModelFiles, Qwen2Config};
 pub use logprobs::{
-    completion_logprobs, grouped_completion_logprobs, token_logprobs, TokenLogprobs,
+    completion_logprobs, grouped_completion_logprobs, next_token_entropies, token_logprobs,
+    TokenLogprobs,
 };
 pub use lora::{AdapterFolder, LoraSpec};
 pub use ops::position_ids_from_mask;
