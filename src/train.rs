@@ -1550,24 +1550,9 @@ mod tests {
             [[8, 9], [12, 13]]
         );
         assert_eq!(groups[1].prompt_ids.to_vec2::<u32>().unwrap(), [[9, 10]]);
-        assert_eq!(
-            groups[1]
-                .old_logp
-                .as_ref()
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-            [[8., 9.], [12., 13.]]
-        );
-        assert_eq!(
-            groups[1]
-                .sampled_entropy
-                .as_ref()
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-            [[24., 25.], [28., 29.]]
-        );
+        let values = |t: &Option<Tensor>| t.as_ref().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(values(&groups[1].old_logp), [[8., 9.], [12., 13.]]);
+        assert_eq!(values(&groups[1].sampled_entropy), [[24., 25.], [28., 29.]]);
         assert_eq!(groups[1].advantages.to_vec1::<f32>().unwrap(), [0.5, -0.5]);
 
         let slices = whole.chunks(1).unwrap();
