@@ -361,7 +361,7 @@ fn entropies_from_sampling(cfg: &Config) -> bool {
 }
 
 /// The sampling-time entropies of `groups`' completions as `[rows, width]` (0 past each
-/// completion), when sampling recorded them.
+/// completion, `width` being the longest), when sampling recorded them.
 fn sampled_entropies(
     groups: &[SampledGroup],
     width: usize,
@@ -373,7 +373,6 @@ fn sampled_entropies(
             return Ok(None);
         };
         for row in entropies {
-            let row = &row[..row.len().min(width)];
             flat.extend_from_slice(row);
             flat.extend(std::iter::repeat_n(0.0, width - row.len()));
         }
@@ -677,7 +676,7 @@ struct MicroStep {
 /// normalised by the whole micro-batch and back-propagated, its graph dropped before its
 /// gradients join `grads`, so the sums equal one pass over the whole micro-batch. The workers
 /// take one chunk each at a time; the gradients are summed in the chunks' order. A chunk whose
-/// gradient is zero runs forward only.
+/// gradient is zero runs forward only, or no pass at all ([`zero_gradient_chunk`]).
 #[allow(clippy::too_many_arguments)]
 fn micro_step(
     policy: &Qwen2,
@@ -719,8 +718,9 @@ fn micro_step(
     };
     // Without the KL term, a chunk whose advantages are all zero (groups whose rewards all
     // agree) has a zero gradient: it runs forward only, for its entropy and its share of the
-    // metrics. Chunks with a backward go first, so that a wave of workers holds chunks of like
-    // cost; the gradients are summed in the chunks' order all the same, and so is the rest.
+    // metrics, or no pass when sampling recorded its entropies. Chunks with a backward go
+    // first, so that a wave of workers holds chunks of like cost; the gradients are summed in
+    // the chunks' order all the same, and so is the rest.
     let backward: Vec<bool> = chunks
         .iter()
         .map(|chunk| Ok(!loss_params.gradient_vanishes(&chunk.advantages)?))
@@ -817,7 +817,7 @@ struct ChunkStep {
     loss: f64,
     metrics: LossMetrics,
     entropy: grpo::Mean,
-    /// `None` when it ran forward only ([`ChunkLoss::backward`]).
+    /// `None` when it ran no backward ([`ChunkLoss::backward`]).
     grads: Option<GradStore>,
     policy_seconds: f64,
     reference_seconds: f64,
