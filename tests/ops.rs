@@ -207,6 +207,26 @@ fn fused_linear_matches_composite_with_and_without_bias() {
 }
 
 #[test]
+fn fused_linear_forward_is_candles_matmul_bit_for_bit() {
+    // It calls candle's gemm kernels directly (without candle's zero-filled output), so the
+    // values must not move at all (above 16 rows: not the decoding product).
+    for (rows, k, n) in [(17, 5, 3), (300, 64, 96), (96, 300, 130)] {
+        let x = random(&[rows, k], 1.0);
+        let weight = random(&[n, k], 0.5);
+        let bias = random(&[n], 0.5);
+        let want = linear_composite(x.as_tensor(), weight.as_tensor(), Some(bias.as_tensor()))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let got = linear(x.as_tensor(), weight.as_tensor(), Some(bias.as_tensor()))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(got, want, "{rows} x {k} x {n}");
+    }
+}
+
+#[test]
 fn few_rows_matmul_equals_the_general_product() {
     // Decoding shapes: a few rows, no gradient; odd sizes exercise every remainder path, and
     // the last two weights are large enough to be split over threads.

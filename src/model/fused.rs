@@ -14,10 +14,15 @@
 //! tensors on the CPU and falls back to the composite (multi-op) forms elsewhere; `tests/ops.rs`
 //! checks values and gradients against those forms. Element-wise kernels split their rows over
 //! the threads (rayon) above 32 K elements; every output element is computed
-//! by one thread, so results do not depend on the thread count.
+//! by one thread, so results do not depend on the thread count. Outputs are written into
+//! uninitialised memory rather than zero-filled first ([`map_rows`], [`write_all`]), and the
+//! linear layer's product calls gemm, the kernel behind candle's matmul, directly for the same
+//! reason ([`matmul_transposed`]): with freed memory reused, zeroing is a pass of its own.
 
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
+use std::mem::MaybeUninit;
+
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
@@ -100,12 +105,9 @@ impl CustomOp2 for RmsNorm {
         let (_, width) = rms_norm_dims(x_layout, weight_layout)?;
         let x_data = contiguous_f32(x, x_layout, self.name())?;
         let weight = contiguous_f32(weight, weight_layout, self.name())?;
-        let mut out = vec![0f32; x_data.len()];
-        for_each_row(&mut out, x_data, width, |out_row, row| {
+        let out = map_rows(x_data, width, |out, _, row| {
             let scale = inverse_rms(row, self.eps);
-            for ((o, v), w) in out_row.iter_mut().zip(row).zip(weight) {
-                *o = w * (v * scale);
-            }
+            write_all(out, row.iter().zip(weight).map(|(v, w)| w * (v * scale)))
         });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
@@ -159,28 +161,80 @@ fn inverse_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (mean_square + eps).sqrt()
 }
 
-/// Runs `f(out_row, in_row)` over the rows of width `width`, in parallel when there are many.
-fn for_each_row(
-    out: &mut [f32],
+/// A new output of `input.len()` f32s, row by row: `f(out_row, index, in_row)` gets each output
+/// row of width `width` uninitialised and returns it written (through [`write_all`]), in
+/// parallel when there are many rows. The output is never zero-filled first: that would be a
+/// pass of its own over memory the allocator reuses (see `memory::reuse_freed_memory`).
+fn map_rows(
     input: &[f32],
     width: usize,
-    f: impl Fn(&mut [f32], &[f32]) + Sync + Send,
-) {
+    f: impl for<'a> Fn(&'a mut [MaybeUninit<f32>], usize, &[f32]) -> &'a mut [f32] + Sync + Send,
+) -> Vec<f32> {
     use rayon::prelude::*;
     const ROWS_PER_TASK: usize = 64;
-    if input.len() < PARALLEL_ELEMENTS {
-        out.chunks_exact_mut(width)
-            .zip(input.chunks_exact(width))
-            .for_each(|(o, i)| f(o, i));
-        return;
+    let width = width.max(1);
+    let map_row = |out: &mut [MaybeUninit<f32>], index: usize, input: &[f32]| {
+        let (start, len) = (out.as_ptr().cast::<f32>(), out.len());
+        let written = f(out, index, input);
+        assert!(
+            std::ptr::eq(written.as_ptr(), start) && written.len() == len,
+            "map_rows: a row must come back whole"
+        );
+    };
+    // SAFETY: the rows cover the output, and `map_row` checks that each came back whole, as
+    // a `&mut [f32]`, which safe code makes of uninitialised slots only by writing them.
+    unsafe {
+        written_f32(input.len(), |out| {
+            if input.len() < PARALLEL_ELEMENTS {
+                out.chunks_mut(width)
+                    .zip(input.chunks(width))
+                    .enumerate()
+                    .for_each(|(index, (out, input))| map_row(out, index, input));
+                return;
+            }
+            out.par_chunks_mut(width * ROWS_PER_TASK)
+                .zip(input.par_chunks(width * ROWS_PER_TASK))
+                .enumerate()
+                .for_each(|(task, (out, input))| {
+                    out.chunks_mut(width)
+                        .zip(input.chunks(width))
+                        .enumerate()
+                        .for_each(|(row, (out, input))| {
+                            map_row(out, task * ROWS_PER_TASK + row, input)
+                        });
+                });
+        })
     }
-    out.par_chunks_mut(width * ROWS_PER_TASK)
-        .zip(input.par_chunks(width * ROWS_PER_TASK))
-        .for_each(|(out, input)| {
-            out.chunks_exact_mut(width)
-                .zip(input.chunks_exact(width))
-                .for_each(|(o, i)| f(o, i));
-        });
+}
+
+/// Writes `values` into `slots`, which they must fill exactly (else a panic), and returns the
+/// slots as the initialised values.
+fn write_all(slots: &mut [MaybeUninit<f32>], values: impl IntoIterator<Item = f32>) -> &mut [f32] {
+    let mut written = 0;
+    for (slot, value) in slots.iter_mut().zip(values) {
+        slot.write(value);
+        written += 1;
+    }
+    assert_eq!(written, slots.len(), "write_all: too few values");
+    // SAFETY: every slot was written just above; f32 and MaybeUninit<f32> share their layout.
+    unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// `len` f32s that `fill` writes, without zero-filling them first (see [`map_rows`]). In debug
+/// builds they start as NaN, so that one left unwritten shows in the tests.
+///
+/// # Safety
+/// `fill` must write every element of the slice it gets.
+unsafe fn written_f32(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    let slots = &mut out.spare_capacity_mut()[..len];
+    if cfg!(debug_assertions) {
+        slots.fill(MaybeUninit::new(f32::NAN));
+    }
+    fill(slots);
+    // SAFETY: `fill` wrote all `len` elements (the caller's promise).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// `row`, already shifted by its maximum, becomes its softmax: `e^v / Σ e^v`.
@@ -405,11 +459,11 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let data = contiguous_f32(x, layout, self.name())?;
         let (_, width) = rows_of(layout);
-        let mut out = vec![0f32; data.len()];
-        for_each_row(&mut out, data, width, |out_row, row| {
+        let out = map_rows(data, width, |out, _, row| {
             let max = simd::max(row);
-            out_row.iter_mut().zip(row).for_each(|(o, v)| *o = v - max);
-            normalize_exp(out_row);
+            let out = write_all(out, row.iter().map(|v| v - max));
+            normalize_exp(out);
+            out
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -451,17 +505,22 @@ impl CustomOp2 for SoftmaxBackward {
         y: &CpuStorage,
         y_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if grad_layout.dims() != y_layout.dims() {
+            bail!(
+                "{}: grad {:?} vs y {:?}",
+                self.name(),
+                grad_layout.dims(),
+                y_layout.dims()
+            );
+        }
         let grad = contiguous_f32(grad, grad_layout, self.name())?;
         let y = contiguous_f32(y, y_layout, self.name())?;
         let (_, width) = rows_of(y_layout);
-        // The output starts as a copy of g and is rewritten row by row.
-        let mut out = grad.to_vec();
         let scale = self.scale;
-        for_each_row(&mut out, y, width, |g, y| {
+        let out = map_rows(grad, width, |out, row, g| {
+            let y = &y[row * width..][..g.len()];
             let dot = simd::dot(g, y);
-            g.iter_mut()
-                .zip(y)
-                .for_each(|(g, y)| *g = scale * y * (*g - dot));
+            write_all(out, g.iter().zip(y).map(|(g, y)| scale * y * (g - dot)))
         });
         Ok((CpuStorage::F32(out), y_layout.shape().clone()))
     }
@@ -535,23 +594,24 @@ impl CustomOp2 for AttentionSoftmax {
         let (_, rows, t, s) = AttentionSoftmax::dims(scores_layout, bias_layout)?;
         let scores = contiguous_f32(scores, scores_layout, self.name())?;
         let bias = contiguous_f32(bias, bias_layout, self.name())?;
-        let mut out = vec![0f32; scores.len()];
         let scale = self.scale;
-        out.par_chunks_mut(s)
-            .zip(scores.par_chunks(s))
-            .enumerate()
-            .with_min_len((PARALLEL_ELEMENTS / s.max(1)).max(1))
-            .for_each(|(index, (out, row))| {
-                let (item, query) = (index / rows, index % rows % t);
-                let bias = &bias[(item * t + query) * s..][..s];
-                out.iter_mut()
-                    .zip(row)
-                    .zip(bias)
-                    .for_each(|((o, x), b)| *o = x * scale + b);
-                let max = simd::max(out);
-                out.iter_mut().for_each(|o| *o -= max);
-                normalize_exp(out);
-            });
+        // SAFETY: the rows cover the output, and `write_all` writes each whole.
+        let out = unsafe {
+            written_f32(scores.len(), |out| {
+                out.par_chunks_mut(s)
+                    .zip(scores.par_chunks(s))
+                    .enumerate()
+                    .with_min_len((PARALLEL_ELEMENTS / s.max(1)).max(1))
+                    .for_each(|(index, (out, row))| {
+                        let (item, query) = (index / rows, index % rows % t);
+                        let bias = &bias[(item * t + query) * s..][..s];
+                        let out = write_all(out, row.iter().zip(bias).map(|(x, b)| x * scale + b));
+                        let max = simd::max(out);
+                        out.iter_mut().for_each(|o| *o -= max);
+                        normalize_exp(out);
+                    })
+            })
+        };
         Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
     }
 
@@ -590,11 +650,12 @@ impl CustomOp2 for AttentionSoftmax {
 /// pass (see [`SwigluBackward`]). Inputs `(gate, up)` of the same shape.
 pub struct Swiglu;
 
-/// `sigmoid(x)` of each of `x` into `out` (of the same length).
-fn sigmoid_into(x: &[f32], out: &mut [f32]) {
-    out.iter_mut().zip(x).for_each(|(o, x)| *o = -x);
+/// `sigmoid(x)` of each of `x` written into `out` (of the same length).
+fn sigmoid_into<'a>(x: &[f32], out: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
+    let out = write_all(out, x.iter().map(|x| -x));
     simd::exp_in_place(out);
     out.iter_mut().for_each(|o| *o = 1.0 / (1.0 + *o));
+    out
 }
 
 /// Elements per block of the element-wise kernels that need a scratch row (on the stack).
@@ -623,17 +684,16 @@ impl CustomOp2 for Swiglu {
         let gate = contiguous_f32(gate, gate_layout, self.name())?;
         let up = contiguous_f32(up, up_layout, self.name())?;
         let width = gate_layout.dims().last().copied().unwrap_or(1);
-        let mut out = up.to_vec();
-        for_each_row(&mut out, gate, width, |out, gate| {
-            let mut sigmoid = [0f32; BLOCK];
-            for (out, gate) in out.chunks_mut(BLOCK).zip(gate.chunks(BLOCK)) {
-                let sigmoid = &mut sigmoid[..gate.len()];
-                sigmoid_into(gate, sigmoid);
-                out.iter_mut()
-                    .zip(gate)
-                    .zip(sigmoid.iter())
-                    .for_each(|((o, g), s)| *o *= g * s);
-            }
+        let out = map_rows(gate, width, |out, row, gate| {
+            let up = &up[row * width..][..gate.len()];
+            // The row holds e^-gate, then the output: up * gate * sigmoid(gate).
+            let out = write_all(out, gate.iter().map(|g| -g));
+            simd::exp_in_place(out);
+            out.iter_mut()
+                .zip(gate)
+                .zip(up)
+                .for_each(|((o, g), u)| *o = u * (g * (1.0 / (1.0 + *o))));
+            out
         });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
@@ -678,24 +738,29 @@ impl CustomOp3 for SwigluBackward {
         let up = contiguous_f32(up, up_layout, self.name())?;
         let grad = contiguous_f32(grad, grad_layout, self.name())?;
         let n = gate.len();
-        let mut out = vec![0f32; 2 * n];
-        let (grad_gate, grad_up) = out.split_at_mut(n);
+        if up.len() != n || grad.len() != n {
+            bail!("{}: gate, up and grad differ in size", self.name());
+        }
         const CHUNK: usize = 1 << 14;
-        grad_gate
-            .par_chunks_mut(CHUNK)
-            .zip(grad_up.par_chunks_mut(CHUNK))
-            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-            .zip(grad.par_chunks(CHUNK))
-            .for_each(|(((dg, du), (gate, up)), g)| {
-                // The sigmoid goes into `dg`, which is then overwritten element by element.
-                sigmoid_into(gate, dg);
-                for i in 0..gate.len() {
-                    let s = dg[i];
-                    let silu = gate[i] * s;
-                    du[i] = g[i] * silu;
-                    dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
-                }
-            });
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            let (grad_gate, grad_up) = out.split_at_mut(n);
+            grad_gate
+                .par_chunks_mut(CHUNK)
+                .zip(grad_up.par_chunks_mut(CHUNK))
+                .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+                .zip(grad.par_chunks(CHUNK))
+                .for_each(|(((dg, du), (gate, up)), g)| {
+                    // The sigmoid goes into `dg`, which is then overwritten element by element.
+                    let dg = sigmoid_into(gate, dg);
+                    write_all(du, (0..gate.len()).map(|i| g[i] * (gate[i] * dg[i])));
+                    for i in 0..gate.len() {
+                        let s = dg[i];
+                        dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
+                    }
+                })
+        };
+        // SAFETY: the chunks cover both halves, and `write_all` writes each whole.
+        let out = unsafe { written_f32(2 * n, fill) };
         let mut dims = vec![2];
         dims.extend_from_slice(gate_layout.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -986,7 +1051,6 @@ impl Linear {
         weight_layout: &Layout,
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let dims = x_layout.dims();
         let k = *dims.last().unwrap_or(&0);
         let m = x_layout.shape().elem_count() / k.max(1);
@@ -994,20 +1058,18 @@ impl Linear {
         if k != weight_k || !x_layout.is_contiguous() || !weight_layout.is_contiguous() {
             bail!("fused-linear: x {dims:?} vs weight [{n}, {weight_k}] (both must be contiguous)");
         }
-        let rows = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
-        let mut out = x.matmul(weight, (1, m, n, k), &rows, &weight_layout.transpose(0, 1)?)?;
+        let x = contiguous_f32(x, x_layout, "fused-linear")?;
+        let weight = contiguous_f32(weight, weight_layout, "fused-linear")?;
+        let mut out = matmul_transposed(x, weight, m, n, k);
         if let Some((bias, bias_layout)) = bias {
             let bias = contiguous_f32(bias, bias_layout, "fused-linear")?;
-            let CpuStorage::F32(values) = &mut out else {
-                bail!("fused-linear: only f32 tensors are supported");
-            };
-            for row in values.chunks_exact_mut(n) {
+            for row in out.chunks_exact_mut(n) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
             }
         }
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has a feature dimension") = n;
-        Ok((out, Shape::from(out_dims)))
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 
     /// Gradients of `x` (in its shape), `weight` `[n, k]` and, `with_bias`, the bias `[n]`.
@@ -1025,6 +1087,49 @@ impl Linear {
         let grad_bias = with_bias.then(|| column_sums(&grad_rows)).transpose()?;
         Ok((grad_x, grad_weight, grad_bias))
     }
+}
+
+/// `x @ weight^T` as `[m, n]` rows, for `x` `[m, k]` and `weight` `[n, k]`: gemm, the kernel behind
+/// candle's CPU matmul, called as candle calls it (the same kernels and threads, so the same
+/// bits) but without candle's zero-filling of the output, which gemm overwrites.
+fn matmul_transposed(x: &[f32], weight: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert!(x.len() == m * k && weight.len() == n * k);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = match threads {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    };
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        // SAFETY: `out` holds the m × n output (row stride n); `x` is m × k (row stride k) and
+        // the weight, read as its k × n transpose (column stride k), n × k: the strides stay
+        // inside all three.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr().cast::<f32>(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                weight.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    };
+    // SAFETY: gemm writes every output element when it does not read them (`read_dst` false),
+    // also when k = 0 (zeros).
+    unsafe { written_f32(m * n, fill) }
 }
 
 /// The sums of the columns of `rows` `[m, n]`: `[n]`, each column summed in row order in f32,
@@ -1133,36 +1238,42 @@ pub struct MergeHeads;
 /// Copies `x` laid out as `[b, t, heads, d]` into `[b, heads, t, d]` (`split`), or back.
 fn permute_heads(x: &[f32], t: usize, heads: usize, d: usize, split: bool) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut out = vec![0f32; x.len()];
     // One task per (batch, head) block of the [b, heads, t, d] side.
     let block = t * d;
     let min_blocks = (PARALLEL_ELEMENTS / block.max(1)).max(1);
-    if split {
-        out.par_chunks_mut(block.max(1))
-            .enumerate()
-            .with_min_len(min_blocks)
-            .for_each(|(index, out)| {
-                let (batch, head) = (index / heads, index % heads);
-                for pos in 0..t {
-                    let from = ((batch * t + pos) * heads + head) * d;
-                    out[pos * d..(pos + 1) * d].copy_from_slice(&x[from..from + d]);
-                }
-            });
-    } else {
-        // Merge: each batch item's [t, heads * d] rows gather from its heads.
-        out.par_chunks_mut((t * heads * d).max(1))
-            .enumerate()
-            .for_each(|(batch, out)| {
-                for head in 0..heads {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        if split {
+            out.par_chunks_mut(block.max(1))
+                .enumerate()
+                .with_min_len(min_blocks)
+                .for_each(|(index, out)| {
+                    let (batch, head) = (index / heads, index % heads);
                     for pos in 0..t {
-                        let from = ((batch * heads + head) * t + pos) * d;
-                        let to = (pos * heads + head) * d;
-                        out[to..to + d].copy_from_slice(&x[from..from + d]);
+                        let from = ((batch * t + pos) * heads + head) * d;
+                        write_all(
+                            &mut out[pos * d..(pos + 1) * d],
+                            x[from..from + d].iter().copied(),
+                        );
                     }
-                }
-            });
-    }
-    out
+                });
+        } else {
+            // Merge: each batch item's [t, heads * d] rows gather from its heads.
+            out.par_chunks_mut((t * heads * d).max(1))
+                .enumerate()
+                .for_each(|(batch, out)| {
+                    for head in 0..heads {
+                        for pos in 0..t {
+                            let from = ((batch * heads + head) * t + pos) * d;
+                            let to = (pos * heads + head) * d;
+                            write_all(&mut out[to..to + d], x[from..from + d].iter().copied());
+                        }
+                    }
+                });
+        }
+    };
+    // SAFETY: every block's positions (split), every batch item's positions and heads (merge)
+    // cover it, each `d` values written whole by `write_all`.
+    unsafe { written_f32(x.len(), fill) }
 }
 
 impl CustomOp1 for SplitHeads {
@@ -1362,22 +1473,24 @@ impl CustomOp3 for LogprobGrad {
         let stats = contiguous_f32(stats, stats_layout, self.name())?;
         use rayon::prelude::*;
         let inverse = inverse_temperature(self.temperature);
-        let mut out = vec![0f32; rows * vocab];
-        out.par_chunks_mut(vocab)
-            .zip(logits.par_chunks(vocab))
-            .enumerate()
-            .for_each(|(r, (out, row))| {
-                let (normalizer, scale) = (stats[2 * r], stats[2 * r + 1]);
-                let target = targets[r] as usize;
-                out.iter_mut()
-                    .zip(row)
-                    .for_each(|(o, v)| *o = v * inverse - normalizer);
-                simd::exp_in_place(out);
-                // (onehot - p) * scale, the one-hot only at the target.
-                let p_target = out[target];
-                out.iter_mut().for_each(|p| *p = -*p * scale);
-                out[target] = (1.0 - p_target) * scale;
-            });
+        // SAFETY: the rows cover the output, and `write_all` writes each whole.
+        let out = unsafe {
+            written_f32(rows * vocab, |out| {
+                out.par_chunks_mut(vocab)
+                    .zip(logits.par_chunks(vocab))
+                    .enumerate()
+                    .for_each(|(r, (out, row))| {
+                        let (normalizer, scale) = (stats[2 * r], stats[2 * r + 1]);
+                        let target = targets[r] as usize;
+                        let out = write_all(out, row.iter().map(|v| v * inverse - normalizer));
+                        simd::exp_in_place(out);
+                        // (onehot - p) * scale, the one-hot only at the target.
+                        let p_target = out[target];
+                        out.iter_mut().for_each(|p| *p = -*p * scale);
+                        out[target] = (1.0 - p_target) * scale;
+                    })
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((rows, vocab))))
     }
 
@@ -1417,6 +1530,35 @@ impl CustomOp3 for LogprobGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[should_panic(expected = "too few values")]
+    fn write_all_refuses_to_leave_slots_unwritten() {
+        let mut slots = [MaybeUninit::<f32>::uninit(); 4];
+        write_all(&mut slots, [1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "must come back whole")]
+    fn map_rows_refuses_a_row_written_in_part() {
+        map_rows(&[1.0; 6], 3, |out, _, row| {
+            &mut write_all(out, row.iter().copied())[1..]
+        });
+    }
+
+    #[test]
+    fn map_rows_maps_every_row_in_order_also_in_parallel() {
+        for rows in [3, PARALLEL_ELEMENTS / 5 + 70] {
+            let input: Vec<f32> = (0..rows * 5).map(|i| i as f32).collect();
+            let out = map_rows(&input, 5, |out, row, values| {
+                write_all(out, values.iter().map(|v| v * 2.0 + row as f32))
+            });
+            let want: Vec<f32> = (0..rows * 5)
+                .map(|i| i as f32 * 2.0 + (i / 5) as f32)
+                .collect();
+            assert_eq!(out, want);
+        }
+    }
 
     /// `x @ weight^T` by [`multiply_rows_portable`] over column runs of `run` weight rows (as
     /// the tasks of [`FewRowsMatmul`] split it).
