@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use grpo::model::ops::{
-    apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias, linear,
-    linear_composite, merge_heads, merge_heads_composite, position_ids_from_mask, rms_norm,
-    rms_norm_composite, rope_tables, softmax_composite, split_heads, split_heads_composite, swiglu,
-    swiglu_composite, MASKED_BIAS,
+    apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias,
+    causal_bias_composite, linear, linear_composite, merge_heads, merge_heads_composite,
+    position_ids_from_mask, rms_norm, rms_norm_composite, rope_tables, rope_tables_composite,
+    softmax_composite, split_heads, split_heads_composite, swiglu, swiglu_composite, MASKED_BIAS,
 };
 use grpo::model::{frozen, fused};
 
@@ -149,6 +149,35 @@ fn causal_bias_hides_future_and_padded_keys() {
         causal_bias(&mask, 4).is_err(),
         "more queries than keys must be refused"
     );
+}
+
+#[test]
+fn host_rope_tables_and_causal_bias_are_the_device_forms_bit_for_bit() {
+    // The CPU builds both directly; CUDA keeps the candle ops. Left padding, a long position,
+    // one and several queries, a head dimension whose half is odd.
+    let positions = Tensor::new(
+        &[[0i64, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 60_000]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (d, theta) in [(16, 1e6), (6, 1e4)] {
+        let (cos, sin) = rope_tables(&positions, d, theta).unwrap();
+        let (cos_want, sin_want) = rope_tables_composite(&positions, d, theta).unwrap();
+        assert_eq!(cos.dims(), [2, 1, 7, d]);
+        for (got, want) in [(cos, cos_want), (sin, sin_want)] {
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(got), flat(want), "head_dim {d}");
+        }
+    }
+    let mask = Tensor::new(&[[0u8, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+    for queries in [1, 3, 6] {
+        let got = causal_bias(&mask, queries).unwrap();
+        let want = causal_bias_composite(&mask, queries).unwrap();
+        assert_eq!(got.dims(), [2, 1, queries, 6]);
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(got), flat(want), "{queries} queries");
+    }
+    assert!(causal_bias_composite(&mask, 7).is_err());
 }
 
 #[test]

@@ -109,11 +109,46 @@ pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
 /// Rotary tables for `position_ids` (`[b, t]`, any integer dtype): `(cos, sin)`, each
 /// `[b, 1, t, head_dim]` (the half-dimension frequencies repeated twice, as transformers'
 /// `rotate_half` layout expects). Angles are `position * theta^(-2i/head_dim)` in f32.
+/// On the CPU they are computed directly, one tensor each (decoding asks for them every token);
+/// elsewhere by [`rope_tables_composite`], on the device.
 pub fn rope_tables(position_ids: &Tensor, head_dim: usize, theta: f64) -> Result<(Tensor, Tensor)> {
+    if !position_ids.device().is_cpu() {
+        return rope_tables_composite(position_ids, head_dim, theta);
+    }
     let (b, t) = position_ids.dims2()?;
-    let inv_freq: Vec<f32> = (0..head_dim / 2)
+    let inv_freq = inverse_frequencies(head_dim, theta);
+    let positions = position_ids
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let angles = positions.iter().flat_map(|&position| {
+        let half = inv_freq.iter().map(move |&frequency| position * frequency);
+        half.clone().chain(half)
+    });
+    let (cos, sin): (Vec<f32>, Vec<f32>) = angles.map(|angle| (angle.cos(), angle.sin())).unzip();
+    let shape = (b, 1, t, head_dim);
+    let device = position_ids.device();
+    Ok((
+        Tensor::from_vec(cos, shape, device)?,
+        Tensor::from_vec(sin, shape, device)?,
+    ))
+}
+
+/// `theta^(-2i/head_dim)` for `i` in `0..head_dim / 2`, in f32.
+fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
         .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-        .collect();
+        .collect()
+}
+
+/// [`rope_tables`] from candle ops, on the device of `position_ids`.
+pub fn rope_tables_composite(
+    position_ids: &Tensor,
+    head_dim: usize,
+    theta: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t) = position_ids.dims2()?;
+    let inv_freq = inverse_frequencies(head_dim, theta);
     let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), position_ids.device())?;
     let positions = position_ids.to_dtype(DType::F32)?.reshape((b * t, 1))?;
     let angles = positions.broadcast_mul(&inv_freq)?;
@@ -227,12 +262,45 @@ pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
 /// which are the queries themselves: query `i` sees key `j` when `j <= k - t + i` (causal) and
 /// `key_mask[j] == 1`; other entries are [`MASKED_BIAS`]. `key_mask` is `[b, k]` of 0/1 (any
 /// dtype).
+/// On the CPU it is computed directly, as one tensor (decoding asks for it every token);
+/// elsewhere by [`causal_bias_composite`], on the device.
 pub fn causal_bias(key_mask: &Tensor, query_len: usize) -> Result<Tensor> {
-    let (b, k) = key_mask.dims2()?;
-    if query_len > k {
-        candle_core::bail!("causal_bias: {query_len} queries but only {k} keys in the mask");
+    if !key_mask.device().is_cpu() {
+        return causal_bias_composite(key_mask, query_len);
     }
-    let offset = k - query_len;
+    let (b, k) = key_mask.dims2()?;
+    let offset = causal_offset(k, query_len)?;
+    let mask = key_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let bias: Vec<f32> = mask
+        .iter()
+        .flat_map(|keys| {
+            (0..query_len).flat_map(move |i| {
+                keys.iter().enumerate().map(move |(j, &key)| {
+                    if j <= offset + i && key != 0.0 {
+                        0.0
+                    } else {
+                        MASKED_BIAS
+                    }
+                })
+            })
+        })
+        .collect();
+    Tensor::from_vec(bias, (b, 1, query_len, k), key_mask.device())
+}
+
+/// Keys before the first of `query_len` queries among `keys` keys (an error when there are more
+/// queries than keys).
+fn causal_offset(keys: usize, query_len: usize) -> Result<usize> {
+    if query_len > keys {
+        candle_core::bail!("causal_bias: {query_len} queries but only {keys} keys in the mask");
+    }
+    Ok(keys - query_len)
+}
+
+/// [`causal_bias`] from candle ops, on the device of `key_mask`.
+pub fn causal_bias_composite(key_mask: &Tensor, query_len: usize) -> Result<Tensor> {
+    let (b, k) = key_mask.dims2()?;
+    let offset = causal_offset(k, query_len)?;
     let causal: Vec<u8> = (0..query_len)
         .flat_map(|i| (0..k).map(move |j| u8::from(j <= offset + i)))
         .collect();
