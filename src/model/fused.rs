@@ -79,6 +79,22 @@ fn contiguous_u32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     }
 }
 
+/// An error naming both inputs of `op` unless they have the same dimensions.
+fn same_dims(
+    op: &str,
+    (a, a_layout): (&str, &Layout),
+    (b, b_layout): (&str, &Layout),
+) -> Result<()> {
+    if a_layout.dims() != b_layout.dims() {
+        bail!(
+            "{op}: {a} {:?} vs {b} {:?}",
+            a_layout.dims(),
+            b_layout.dims()
+        );
+    }
+    Ok(())
+}
+
 /// `(rows, width)` of a tensor softmaxed over its last dimension.
 fn rows_of(layout: &Layout) -> (usize, usize) {
     let width = layout.dims().last().copied().unwrap_or(1).max(1);
@@ -505,14 +521,7 @@ impl CustomOp2 for SoftmaxBackward {
         y: &CpuStorage,
         y_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if grad_layout.dims() != y_layout.dims() {
-            bail!(
-                "{}: grad {:?} vs y {:?}",
-                self.name(),
-                grad_layout.dims(),
-                y_layout.dims()
-            );
-        }
+        same_dims(self.name(), ("grad", grad_layout), ("y", y_layout))?;
         let grad = contiguous_f32(grad, grad_layout, self.name())?;
         let y = contiguous_f32(y, y_layout, self.name())?;
         let (_, width) = rows_of(y_layout);
@@ -533,14 +542,7 @@ impl CustomOp2 for SoftmaxBackward {
         y: &CudaStorage,
         y_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        if grad_layout.dims() != y_layout.dims() {
-            bail!(
-                "{}: grad {:?} vs y {:?}",
-                self.name(),
-                grad_layout.dims(),
-                y_layout.dims()
-            );
-        }
+        same_dims(self.name(), ("grad", grad_layout), ("y", y_layout))?;
         let (rows, width) = rows_of(y_layout);
         run_cuda(
             kernels::softmax_backward(rows, width, self.scale),
@@ -673,14 +675,7 @@ impl CustomOp2 for Swiglu {
         up: &CpuStorage,
         up_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if gate_layout.dims() != up_layout.dims() {
-            bail!(
-                "{}: gate {:?} vs up {:?}",
-                self.name(),
-                gate_layout.dims(),
-                up_layout.dims()
-            );
-        }
+        same_dims(self.name(), ("gate", gate_layout), ("up", up_layout))?;
         let gate = contiguous_f32(gate, gate_layout, self.name())?;
         let up = contiguous_f32(up, up_layout, self.name())?;
         let width = gate_layout.dims().last().copied().unwrap_or(1);
