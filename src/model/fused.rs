@@ -187,8 +187,9 @@ fn map_rows(
     f: impl for<'a> Fn(&'a mut [MaybeUninit<f32>], usize, &[f32]) -> &'a mut [f32] + Sync + Send,
 ) -> Vec<f32> {
     use rayon::prelude::*;
-    const ROWS_PER_TASK: usize = 64;
     let width = width.max(1);
+    // Tasks of about PARALLEL_ELEMENTS each: many short rows, or one long one.
+    let rows_per_task = (PARALLEL_ELEMENTS / width).max(1);
     let map_row = |out: &mut [MaybeUninit<f32>], index: usize, input: &[f32]| {
         let (start, len) = (out.as_ptr().cast::<f32>(), out.len());
         let written = f(out, index, input);
@@ -208,15 +209,15 @@ fn map_rows(
                     .for_each(|(index, (out, input))| map_row(out, index, input));
                 return;
             }
-            out.par_chunks_mut(width * ROWS_PER_TASK)
-                .zip(input.par_chunks(width * ROWS_PER_TASK))
+            out.par_chunks_mut(width * rows_per_task)
+                .zip(input.par_chunks(width * rows_per_task))
                 .enumerate()
                 .for_each(|(task, (out, input))| {
                     out.chunks_mut(width)
                         .zip(input.chunks(width))
                         .enumerate()
                         .for_each(|(row, (out, input))| {
-                            map_row(out, task * ROWS_PER_TASK + row, input)
+                            map_row(out, task * rows_per_task + row, input)
                         });
                 });
         })
@@ -592,28 +593,19 @@ impl CustomOp2 for AttentionSoftmax {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (_, rows, t, s) = AttentionSoftmax::dims(scores_layout, bias_layout)?;
         let scores = contiguous_f32(scores, scores_layout, self.name())?;
         let bias = contiguous_f32(bias, bias_layout, self.name())?;
         let scale = self.scale;
-        // SAFETY: the rows cover the output, and `write_all` writes each whole.
-        let out = unsafe {
-            written_f32(scores.len(), |out| {
-                out.par_chunks_mut(s)
-                    .zip(scores.par_chunks(s))
-                    .enumerate()
-                    .with_min_len((PARALLEL_ELEMENTS / s.max(1)).max(1))
-                    .for_each(|(index, (out, row))| {
-                        let (item, query) = (index / rows, index % rows % t);
-                        let bias = &bias[(item * t + query) * s..][..s];
-                        let out = write_all(out, row.iter().zip(bias).map(|(x, b)| x * scale + b));
-                        let max = simd::max(out);
-                        out.iter_mut().for_each(|o| *o -= max);
-                        normalize_exp(out);
-                    })
-            })
-        };
+        let out = map_rows(scores, s, |out, index, row| {
+            let (item, query) = (index / rows, index % rows % t);
+            let bias = &bias[(item * t + query) * s..][..s];
+            let out = write_all(out, row.iter().zip(bias).map(|(x, b)| x * scale + b));
+            let max = simd::max(out);
+            out.iter_mut().for_each(|o| *o -= max);
+            normalize_exp(out);
+            out
+        });
         Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
     }
 
@@ -681,13 +673,12 @@ impl CustomOp2 for Swiglu {
         let width = gate_layout.dims().last().copied().unwrap_or(1);
         let out = map_rows(gate, width, |out, row, gate| {
             let up = &up[row * width..][..gate.len()];
-            // The row holds e^-gate, then the output: up * gate * sigmoid(gate).
-            let out = write_all(out, gate.iter().map(|g| -g));
-            simd::exp_in_place(out);
+            // The row holds sigmoid(gate), then the output: up * gate * sigmoid(gate).
+            let out = sigmoid_into(gate, out);
             out.iter_mut()
                 .zip(gate)
                 .zip(up)
-                .for_each(|((o, g), u)| *o = u * (g * (1.0 / (1.0 + *o))));
+                .for_each(|((o, g), u)| *o = u * (g * *o));
             out
         });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
@@ -1469,26 +1460,18 @@ impl CustomOp3 for LogprobGrad {
         let targets = contiguous_u32(targets, targets_layout, self.name())?;
         check_targets(targets, vocab, self.name())?;
         let stats = contiguous_f32(stats, stats_layout, self.name())?;
-        use rayon::prelude::*;
         let inverse = inverse_temperature(self.temperature);
-        // SAFETY: the rows cover the output, and `write_all` writes each whole.
-        let out = unsafe {
-            written_f32(rows * vocab, |out| {
-                out.par_chunks_mut(vocab)
-                    .zip(logits.par_chunks(vocab))
-                    .enumerate()
-                    .for_each(|(r, (out, row))| {
-                        let (normalizer, scale) = (stats[2 * r], stats[2 * r + 1]);
-                        let target = targets[r] as usize;
-                        let out = write_all(out, row.iter().map(|v| v * inverse - normalizer));
-                        simd::exp_in_place(out);
-                        // (onehot - p) * scale, the one-hot only at the target.
-                        let p_target = out[target];
-                        out.iter_mut().for_each(|p| *p = -*p * scale);
-                        out[target] = (1.0 - p_target) * scale;
-                    })
-            })
-        };
+        let out = map_rows(logits, vocab, |out, r, row| {
+            let (normalizer, scale) = (stats[2 * r], stats[2 * r + 1]);
+            let target = targets[r] as usize;
+            let out = write_all(out, row.iter().map(|v| v * inverse - normalizer));
+            simd::exp_in_place(out);
+            // (onehot - p) * scale, the one-hot only at the target.
+            let p_target = out[target];
+            out.iter_mut().for_each(|p| *p = -*p * scale);
+            out[target] = (1.0 - p_target) * scale;
+            out
+        });
         Ok((CpuStorage::F32(out), Shape::from((rows, vocab))))
     }
 
