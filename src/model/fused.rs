@@ -1513,6 +1513,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ops_whose_inputs_must_agree_name_both_when_they_do_not() {
+        use candle_core::{DType, Device};
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let (a, b) = (zeros(&[2, 3]), zeros(&[3, 2]));
+        let message = |result: Result<Tensor>| result.unwrap_err().to_string();
+        let softmax = message(a.apply_op2_no_bwd(&b, &SoftmaxBackward { scale: 1.0 }));
+        assert!(softmax.contains("grad [2, 3] vs y [3, 2]"), "{softmax}");
+        let swiglu = message(a.apply_op2_no_bwd(&b, &Swiglu));
+        assert!(swiglu.contains("gate [2, 3] vs up [3, 2]"), "{swiglu}");
+        let backward = message(a.apply_op3_no_bwd(&a, &zeros(&[5]), &SwigluBackward));
+        assert!(backward.contains("differ in size"), "{backward}");
+    }
+
+    #[test]
     #[should_panic(expected = "too few values")]
     fn write_all_refuses_to_leave_slots_unwritten() {
         let mut slots = [MaybeUninit::<f32>::uninit(); 4];
