@@ -15,8 +15,9 @@
 //!   with bias), `k_v_proj` (2, with bias), `o_proj` (1), `gate_up_proj` (2), `down_proj` (1),
 //!   `rms_norm` (2), `rope_q_k` (1: queries and keys), `split_heads_q_k_v` (1), `merge_heads`
 //!   (1), `swiglu` (1), `attention_softmax` (1; its composite form still ends in the fused
-//!   softmax, so the scale and mask are what it compares) and `softmax` (the softmax inside it,
-//!   at the same scores).
+//!   softmax, so the scale and mask are what it compares), `softmax` (the softmax inside it,
+//!   at the same scores) and `attention` (1: the whole attention from the rotated heads, the
+//!   fused node against the two matmuls around the fused attention softmax).
 //! - `<model>/decode_gate_up_<n>_rows/{composite,fused}`: the decoding product of n = 16 rows
 //!   (one token of each of 16 sequences) and n = 4 (issue 11's 0.5B setting, G = 4) by the
 //!   gate/up weight, forward only, without a graph: candle's matmul (`linear_composite`)
@@ -44,10 +45,10 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use grpo::model::ops::{
-    apply_rope, apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias,
-    linear, linear_composite, merge_heads, merge_heads_composite, rms_norm, rms_norm_composite,
-    rope_tables, softmax_composite, softmax_last_dim, split_heads, split_heads_composite, swiglu,
-    swiglu_composite,
+    apply_rope, apply_rope_composite, attention, attention_composite, attention_softmax,
+    attention_softmax_composite, causal_bias, linear, linear_composite, merge_heads,
+    merge_heads_composite, rms_norm, rms_norm_composite, rope_tables, softmax_composite,
+    softmax_last_dim, split_heads, split_heads_composite, swiglu, swiglu_composite,
 };
 use grpo::model::{token_logprobs, Qwen2, Qwen2Config};
 
@@ -255,7 +256,7 @@ fn layer_cases(config: &Qwen2Config) -> Result<Vec<OpCase>> {
         inputs.constants = rope_constants(part, config)?;
     }
 
-    let mut attention = OpCase {
+    let mut softmax_case = OpCase {
         op: "attention_softmax",
         shared: Vec::new(),
         parts: activations(rng, |p| vec![scores(p)])?,
@@ -266,7 +267,30 @@ fn layer_cases(config: &Qwen2Config) -> Result<Vec<OpCase>> {
             }])
         }),
     };
-    for (inputs, part) in attention.parts.iter_mut().zip(&PARTS) {
+    for (inputs, part) in softmax_case.parts.iter_mut().zip(&PARTS) {
+        inputs.constants = vec![attention_bias(part)?];
+    }
+
+    let mut attention_case = OpCase {
+        op: "attention",
+        shared: Vec::new(),
+        parts: activations(rng, |p| {
+            let rows = heads / kv_heads * p.queries;
+            vec![
+                vec![p.batch, kv_heads, rows, d],
+                vec![p.batch, kv_heads, p.keys, d],
+                vec![p.batch, kv_heads, p.keys, d],
+            ]
+        })?,
+        apply: Box::new(move |form, _, vars, constants| {
+            let (q, k, v, bias) = (&vars[0], &vars[1], &vars[2], &constants[0]);
+            Ok(vec![match form {
+                Form::Composite => attention_composite(q, k, v, bias, scale)?,
+                Form::Fused => attention(q, k, v, bias, scale)?,
+            }])
+        }),
+    };
+    for (inputs, part) in attention_case.parts.iter_mut().zip(&PARTS) {
         inputs.constants = vec![attention_bias(part)?];
     }
 
@@ -306,7 +330,8 @@ fn layer_cases(config: &Qwen2Config) -> Result<Vec<OpCase>> {
                     .collect()
             }),
         },
-        attention,
+        softmax_case,
+        attention_case,
         OpCase {
             op: "softmax",
             shared: Vec::new(),

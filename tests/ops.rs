@@ -2,11 +2,13 @@
 //! the frozen-operand ops (a LoRA base layer's), plus the attention-bias and position-id helpers.
 
 use candle_core::{DType, Device, Tensor, Var};
+use grpo::model::attention::Attention;
 use grpo::model::ops::{
-    apply_rope_composite, attention_softmax, attention_softmax_composite, causal_bias,
-    causal_bias_composite, linear, linear_composite, merge_heads, merge_heads_composite,
-    position_ids_from_mask, rms_norm, rms_norm_composite, rope_tables, rope_tables_composite,
-    softmax_composite, split_heads, split_heads_composite, swiglu, swiglu_composite, MASKED_BIAS,
+    apply_rope_composite, attention, attention_composite, attention_softmax,
+    attention_softmax_composite, causal_bias, causal_bias_composite, linear, linear_composite,
+    merge_heads, merge_heads_composite, position_ids_from_mask, rms_norm, rms_norm_composite,
+    rope_tables, rope_tables_composite, softmax_composite, split_heads, split_heads_composite,
+    swiglu, swiglu_composite, MASKED_BIAS,
 };
 use grpo::model::{frozen, fused};
 
@@ -312,6 +314,35 @@ fn fused_attention_softmax_matches_composite_for_grouped_heads() {
         let composite = attention_softmax_composite(scores.as_tensor(), &bias, scale).unwrap();
         assert_eq!(fused.dims(), scores.as_tensor().dims());
         assert_same_function(&fused, &composite, &[("scores", &scores)], 1e-5);
+    }
+}
+
+#[test]
+fn fused_attention_matches_composite_for_grouped_heads_and_cached_keys() {
+    // 2 items, 2 kv heads of 3 (then 4) query heads, padded keys masked and one query row fully
+    // masked; the second shape is large enough for the threads. Keys and values are read as
+    // views of longer buffers, as from a KV cache (their gradients land in the buffers).
+    for (b, kv_heads, per_kv, t, s, d) in [(2, 2, 3, 5, 9, 4), (2, 2, 4, 64, 100, 16)] {
+        let q = random(&[b, kv_heads, per_kv * t, d], 1.0);
+        let k_buffer = random(&[b, kv_heads, s + 7, d], 1.0);
+        let v_buffer = random(&[b, kv_heads, s + 7, d], 1.0);
+        let k = k_buffer.as_tensor().narrow(2, 0, s).unwrap();
+        let v = v_buffer.as_tensor().narrow(2, 0, s).unwrap();
+        let mut mask = vec![1u32; b * s];
+        mask[0] = 0;
+        mask[s + 3] = 0;
+        let mask = Tensor::from_vec(mask, (b, s), &Device::Cpu).unwrap();
+        let bias = causal_bias(&mask, t).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let op = Attention::new(&bias, scale as f32).unwrap();
+        let fused = q.as_tensor().apply_op3(&k, &v, op).unwrap();
+        let composite = attention_composite(q.as_tensor(), &k, &v, &bias, scale).unwrap();
+        assert_eq!(fused.dims(), [b, kv_heads, per_kv * t, d]);
+        let inputs = [("q", &q), ("k", &k_buffer), ("v", &v_buffer)];
+        assert_same_function(&fused, &composite, &inputs, 1e-5);
+        // The model's entry point takes the fused node on the CPU (same bits).
+        let dispatched = attention(q.as_tensor(), &k, &v, &bias, scale).unwrap();
+        assert_eq!(max_diff(&dispatched, &fused), 0.0);
     }
 }
 

@@ -242,16 +242,38 @@ fn write_all(slots: &mut [MaybeUninit<f32>], values: impl IntoIterator<Item = f3
 ///
 /// # Safety
 /// `fill` must write every element of the slice it gets.
-unsafe fn written_f32(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len);
-    let slots = &mut out.spare_capacity_mut()[..len];
-    if cfg!(debug_assertions) {
-        slots.fill(MaybeUninit::new(f32::NAN));
-    }
-    fill(slots);
-    // SAFETY: `fill` wrote all `len` elements (the caller's promise).
-    unsafe { out.set_len(len) };
+pub(super) unsafe fn written_f32(
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
+    // SAFETY: the caller's promise.
+    let [out] = unsafe { written_f32s([len], |[slots]| fill(slots)) };
     out
+}
+
+/// [`written_f32`] for several outputs at once, of lengths `lens`.
+///
+/// # Safety
+/// `fill` must write every element of the slices it gets.
+pub(super) unsafe fn written_f32s<const N: usize>(
+    lens: [usize; N],
+    fill: impl FnOnce([&mut [MaybeUninit<f32>]; N]),
+) -> [Vec<f32>; N] {
+    let mut outs = lens.map(Vec::with_capacity);
+    let mut lengths = lens.iter();
+    fill(outs.each_mut().map(|out| {
+        let len = *lengths.next().expect("one length per output");
+        let slots = &mut out.spare_capacity_mut()[..len];
+        if cfg!(debug_assertions) {
+            slots.fill(MaybeUninit::new(f32::NAN));
+        }
+        slots
+    }));
+    for (out, &len) in outs.iter_mut().zip(&lens) {
+        // SAFETY: `fill` wrote all `len` elements (the caller's promise).
+        unsafe { out.set_len(len) };
+    }
+    outs
 }
 
 /// `row`, already shifted by its maximum, becomes its softmax: `e^v / Σ e^v`.
@@ -261,8 +283,28 @@ fn normalize_exp(row: &mut [f32]) {
     row.iter_mut().for_each(|o| *o *= inverse);
 }
 
+/// One row of the attention softmax in place: `row * scale + bias`, shifted by its maximum, to
+/// its softmax (as [`AttentionSoftmax`]).
+pub(super) fn masked_softmax_in_place(row: &mut [f32], bias: &[f32], scale: f32) {
+    row.iter_mut()
+        .zip(bias)
+        .for_each(|(x, b)| *x = *x * scale + b);
+    let max = simd::max(row);
+    row.iter_mut().for_each(|o| *o -= max);
+    normalize_exp(row);
+}
+
+/// One row of the softmax gradient in place: `g` becomes `scale * y * (g - sum(g * y))` (as
+/// [`SoftmaxBackward`]).
+pub(super) fn softmax_gradient_in_place(g: &mut [f32], y: &[f32], scale: f32) {
+    let dot = simd::dot(g, y);
+    g.iter_mut()
+        .zip(y)
+        .for_each(|(g, y)| *g = scale * y * (*g - dot));
+}
+
 /// Tensors smaller than this run element-wise kernels on one thread.
-const PARALLEL_ELEMENTS: usize = 1 << 15;
+pub(super) const PARALLEL_ELEMENTS: usize = 1 << 15;
 
 /// The gradients of [`RmsNorm`] in one pass, as `[rows + 1, width]`: rows `0..rows` are
 /// `dx = r * (g*w - n * mean(g*w*n))` (with `r = 1/sqrt(mean(x^2) + eps)`, `n = x * r`), the
@@ -528,9 +570,9 @@ impl CustomOp2 for SoftmaxBackward {
         let (_, width) = rows_of(y_layout);
         let scale = self.scale;
         let out = map_rows(grad, width, |out, row, g| {
-            let y = &y[row * width..][..g.len()];
-            let dot = simd::dot(g, y);
-            write_all(out, g.iter().zip(y).map(|(g, y)| scale * y * (g - dot)))
+            let out = write_all(out, g.iter().copied());
+            softmax_gradient_in_place(out, &y[row * width..][..g.len()], scale);
+            out
         });
         Ok((CpuStorage::F32(out), y_layout.shape().clone()))
     }
@@ -599,11 +641,8 @@ impl CustomOp2 for AttentionSoftmax {
         let scale = self.scale;
         let out = map_rows(scores, s, |out, index, row| {
             let (item, query) = (index / rows, index % rows % t);
-            let bias = &bias[(item * t + query) * s..][..s];
-            let out = write_all(out, row.iter().zip(bias).map(|(x, b)| x * scale + b));
-            let max = simd::max(out);
-            out.iter_mut().for_each(|o| *o -= max);
-            normalize_exp(out);
+            let out = write_all(out, row.iter().copied());
+            masked_softmax_in_place(out, &bias[(item * t + query) * s..][..s], scale);
             out
         });
         Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
@@ -1075,47 +1114,108 @@ impl Linear {
     }
 }
 
-/// `x @ weight^T` as `[m, n]` rows, for `x` `[m, k]` and `weight` `[n, k]`: gemm, the kernel behind
-/// candle's CPU matmul, called as candle calls it (the same kernels and threads, so the same
-/// bits) but without candle's zero-filling of the output, which gemm overwrites.
+/// `x @ weight^T` as `[m, n]` rows, for `x` `[m, k]` and `weight` `[n, k]`: gemm called as
+/// candle's matmul calls it (the same kernels and threads, so the same bits) but without
+/// candle's zero-filling of the output ([`product`]).
 fn matmul_transposed(x: &[f32], weight: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    assert!(x.len() == m * k && weight.len() == n * k);
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = match threads {
+    let parallelism = match candle_core::utils::get_num_threads() {
         0 | 1 => gemm::Parallelism::None,
         threads => gemm::Parallelism::Rayon(threads),
     };
-    let fill = |out: &mut [MaybeUninit<f32>]| {
-        // SAFETY: `out` holds the m × n output (row stride n); `x` is m × k (row stride k) and
-        // the weight, read as its k × n transpose (column stride k), n × k: the strides stay
-        // inside all three.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr().cast::<f32>(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                weight.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
+    let (x, weight) = (Matrix::dense(x, m, k), Matrix::dense(weight, n, k));
+    // SAFETY: `product` writes the whole output.
+    unsafe {
+        written_f32(m * n, |out| {
+            product(out, x, false, weight, true, parallelism);
+        })
+    }
+}
+
+/// A `rows x cols` f32 matrix inside `data`, row `i` at `i * row_stride` (columns contiguous),
+/// read in place.
+#[derive(Clone, Copy)]
+pub(super) struct Matrix<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    pub(super) fn new(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        let needed = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * row_stride + cols
+        };
+        assert!(needed <= data.len(), "Matrix: the rows run past the data");
+        Matrix {
+            data,
+            rows,
+            cols,
+            row_stride,
         }
-    };
-    // SAFETY: gemm writes every output element when it does not read them (`read_dst` false),
-    // also when k = 0 (zeros).
-    unsafe { written_f32(m * n, fill) }
+    }
+
+    /// A contiguous matrix.
+    pub(super) fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Matrix::new(data, rows, cols, cols)
+    }
+
+    /// `(rows, cols, row stride, column stride)` of the matrix, or of its transpose.
+    fn view(&self, transposed: bool) -> (usize, usize, isize, isize) {
+        match transposed {
+            false => (self.rows, self.cols, self.row_stride as isize, 1),
+            true => (self.cols, self.rows, 1, self.row_stride as isize),
+        }
+    }
+}
+
+/// `out = op(a) · op(b)` into `out` (contiguous rows), with `op` the transpose where asked: one
+/// gemm call (the kernel behind candle's CPU matmul) that writes every output element without
+/// reading it, so `out` needs no zero-filling first.
+pub(super) fn product<'o>(
+    out: &'o mut [MaybeUninit<f32>],
+    a: Matrix,
+    a_transposed: bool,
+    b: Matrix,
+    b_transposed: bool,
+    parallelism: gemm::Parallelism,
+) -> &'o mut [f32] {
+    let (m, k, lhs_rs, lhs_cs) = a.view(a_transposed);
+    let (b_k, n, rhs_rs, rhs_cs) = b.view(b_transposed);
+    assert!(
+        k == b_k && out.len() == m * n,
+        "product: [{m}, {k}] x [{b_k}, {n}] into {}",
+        out.len()
+    );
+    // SAFETY: `Matrix::new` checked that every element of both operands, as their strides reach
+    // them, lies inside their slices, and `out` holds the m × n output (row stride n). gemm
+    // writes all of it without reading it (`read_dst` false, alpha 0), also when k = 0.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr().cast::<f32>(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            b.data.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32])
+    }
 }
 
 /// The sums of the columns of `rows` `[m, n]`: `[n]`, each column summed in row order in f32,

@@ -2,10 +2,11 @@
 //! model family ([`load`]), the forward pass over hidden states with a KV cache and a grouped
 //! training forward ([`qwen2`], one implementation for both families), its linear layers with
 //! optional LoRA adapters ([`linear`]) and LoRA in PEFT's format ([`lora`]), its differentiable
-//! building blocks ([`ops`], with fused kernels in [`fused`], whose CUDA launches [`kernels`]
-//! describes and whose vectorised exponentials and sums are [`simd`], and the frozen-operand ops
-//! of [`frozen`]) and chunked per-token log-probs and entropies ([`logprobs`]).
+//! building blocks ([`ops`], with fused kernels in [`fused`] and [`attention`], whose CUDA
+//! launches [`kernels`] describes and whose vectorised exponentials and sums are [`simd`], and
+//! the frozen-operand ops of [`frozen`]) and chunked per-token log-probs and entropies ([`logprobs`]).
 
+pub mod attention;
 pub mod frozen;
 pub mod fused;
 pub mod kernels;

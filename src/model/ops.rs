@@ -1,10 +1,11 @@
 //! Differentiable building blocks of the Qwen2 forward: linear layers, RMSNorm, rotary position
-//! embeddings, attention bias from a padding mask, the attention softmax and the SwiGLU
+//! embeddings, attention bias from a padding mask, attention (and its softmax) and the SwiGLU
 //! activation.
 //!
 //! Every function here records a backward graph when its inputs come from `Var`s (candle's fast
 //! `rms_norm`, `rope` and `softmax_last_dim` kernels do not, so they are not used). Every op
-//! runs as a fused custom op with a backward ([`super::fused`]) for f32 CPU tensors; RMSNorm,
+//! runs as a fused custom op with a backward ([`super::fused`], attention in [`super::attention`])
+//! for f32 CPU tensors; RMSNorm,
 //! rotary embeddings and the softmaxes also for f32 and bf16 CUDA tensors (CUDA kernels,
 //! [`super::kernels`]). Elsewhere (CUDA linear layers, SwiGLU and head permutes; other dtypes)
 //! they run as their composite forms (`*_composite`, the reference the fused ops are tested
@@ -12,6 +13,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::attention::Attention;
 use super::frozen::FrozenLinear;
 use super::fused;
 
@@ -190,6 +192,32 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// [`swiglu`] from elementary differentiable ops.
 pub fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(gate)? * up
+}
+
+/// Scaled dot-product attention, `softmax(q kᵀ * scale + bias) v`, differentiable in `q`, `k`
+/// and `v`: `q` `[b, kv_heads, heads_per_kv * t, d]` (the query heads sharing a key/value head
+/// grouped in blocks of `t` rows, so one product serves them all without repeating the keys),
+/// `k` and `v` `[b, kv_heads, s, d]`, `bias` `[b, 1, t, s]` (f32, no gradient). The scores,
+/// bias and softmax are f32; the two products run in `q`'s dtype. Returns `[b, kv_heads,
+/// heads_per_kv * t, d]`. On the CPU in f32 it is one fused node ([`Attention`]).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fused_applies(q) && [k, v, bias].iter().all(|t| fused_applies(t)) {
+        return q.apply_op3(k, v, Attention::new(bias, scale as f32)?);
+    }
+    attention_composite(q, k, v, bias, scale)
+}
+
+/// [`attention`] from candle's matmuls around [`attention_softmax`].
+pub fn attention_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let probs = attention_softmax(&scores, bias, scale)?.to_dtype(q.dtype())?;
+    probs.matmul(v)
 }
 
 /// `softmax(scores * scale + bias)` over the last dimension (differentiable in `scores`):

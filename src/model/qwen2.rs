@@ -59,8 +59,8 @@ use super::linear::{Dropout, Linear};
 use super::load::{ModelFiles, Qwen2Config};
 use super::lora::LoraSpec;
 use super::ops::{
-    apply_rope, attention_softmax, causal_bias, linear, merge_heads, position_ids_from_mask,
-    rms_norm, rope_tables, split_heads, swiglu,
+    apply_rope, attention, causal_bias, linear, merge_heads, position_ids_from_mask, rms_norm,
+    rope_tables, split_heads, swiglu,
 };
 
 /// The linear layers of a decoder layer by their module names inside it, in transformers'
@@ -712,20 +712,15 @@ impl Qwen2 {
 
     /// Scaled dot-product attention with grouped key/value heads: `q` `[b, heads, t, d]`,
     /// `k`/`v` `[b, kv_heads, s, d]`, additive `bias` `[b, 1, t, s]`; returns `[b, heads, t, d]`.
-    /// The scores, bias and softmax are f32; the two matmuls run in the compute dtype.
+    /// The scores, bias and softmax are f32; the two products run in the compute dtype.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         let (b, heads, t, d) = q.dims4()?;
-        let s = k.dim(2)?;
         let per_kv = heads / c.num_key_value_heads;
         // Heads sharing a kv head are adjacent, so grouping them into the query axis lets one
         // matmul serve them all without copying the keys (transformers' `repeat_kv`).
         let q = q.reshape((b, c.num_key_value_heads, per_kv * t, d))?;
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let probs = attention_softmax(&scores, bias, 1.0 / (d as f64).sqrt())?
-            .to_dtype(self.compute_dtype)?;
-        debug_assert_eq!(probs.dims(), [b, c.num_key_value_heads, per_kv * t, s]);
-        probs.matmul(v)?.reshape((b, heads, t, d))
+        attention(&q, k, v, bias, 1.0 / (d as f64).sqrt())?.reshape((b, heads, t, d))
     }
 
     /// Output projection and residual, then the MLP block and residual (the residual adds in
