@@ -299,20 +299,19 @@ pub fn causal_bias(key_mask: &Tensor, query_len: usize) -> Result<Tensor> {
     let (b, k) = key_mask.dims2()?;
     let offset = causal_offset(k, query_len)?;
     let mask = key_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let bias: Vec<f32> = mask
-        .iter()
-        .flat_map(|keys| {
-            (0..query_len).flat_map(move |i| {
-                keys.iter().enumerate().map(move |(j, &key)| {
-                    if j <= offset + i && key != 0.0 {
-                        0.0
-                    } else {
-                        MASKED_BIAS
-                    }
-                })
-            })
-        })
-        .collect();
+    let mut bias = Vec::with_capacity(b * query_len * k);
+    for keys in &mask {
+        // Each key's bias where the causal order lets a query see it; query `i` sees the first
+        // `offset + i + 1` keys.
+        let open: Vec<f32> = keys
+            .iter()
+            .map(|&key| if key != 0.0 { 0.0 } else { MASKED_BIAS })
+            .collect();
+        for seen in offset + 1..=offset + query_len {
+            bias.extend_from_slice(&open[..seen]);
+            bias.resize(bias.len() + k - seen, MASKED_BIAS);
+        }
+    }
     Tensor::from_vec(bias, (b, 1, query_len, k), key_mask.device())
 }
 
