@@ -390,11 +390,7 @@ fn generate_rows(
             break;
         }
         if still_active.len() < active.len() {
-            let keep = Tensor::new(
-                still_active.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                &device,
-            )?;
-            cache = cache.select_rows(&keep)?;
+            cache.keep_rows(&still_active)?;
             active = still_active.iter().map(|&i| active[i]).collect();
         }
         // Feed each row its new token at the position after its last one; it sees its

@@ -53,7 +53,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Result, Tensor, Var};
 
 use super::linear::{Dropout, Linear};
 use super::load::{ModelFiles, Qwen2Config};
@@ -304,9 +304,81 @@ impl KvCache {
         })
     }
 
+    /// Keeps only the rows `keep` (strictly increasing indices), in that order: finished
+    /// sequences leave the batch. On the CPU in f32 the kept rows move down within the buffers
+    /// (their filled positions only) and the buffers are narrowed to them; elsewhere the cache
+    /// is copied ([`KvCache::select_rows`]).
+    pub fn keep_rows(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.windows(2).any(|pair| pair[0] >= pair[1]) || keep.last() >= Some(&self.batch()) {
+            candle_core::bail!(
+                "keep_rows: {keep:?} is not increasing within {} rows",
+                self.batch()
+            );
+        }
+        let in_place = self.layers.iter().all(|(k, v)| {
+            [k, v]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+        });
+        if !in_place {
+            let device = self
+                .layers
+                .first()
+                .map_or(Device::Cpu, |(k, _)| k.device().clone());
+            let rows = Tensor::new(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
+            *self = self.select_rows(&rows)?;
+            return Ok(());
+        }
+        let op = KeepRows {
+            keep: keep.to_vec(),
+            len: self.len,
+        };
+        for (k, v) in &mut self.layers {
+            for buffer in [k, v] {
+                buffer.inplace_op1(&op)?;
+                *buffer = buffer.narrow(0, 0, keep.len())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets every cached position (the buffers are reused).
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+}
+
+/// [`KvCache::keep_rows`] on a CPU f32 buffer `[batch, kv_heads, capacity, head_dim]`: row
+/// `keep[i]` moves to row `i` (the first `len` positions of each head), in place.
+struct KeepRows {
+    keep: Vec<usize>,
+    len: usize,
+}
+
+impl InplaceOp1 for KeepRows {
+    fn name(&self) -> &'static str {
+        "keep-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (CpuStorage::F32(data), Some((0, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("keep-rows: the cache must be a contiguous f32 buffer");
+        };
+        let (_, heads, capacity, head_dim) = layout.shape().dims4()?;
+        let (head, row) = (capacity * head_dim, heads * capacity * head_dim);
+        let data = &mut data[..end];
+        for (to, &from) in self
+            .keep
+            .iter()
+            .enumerate()
+            .filter(|(to, from)| to != *from)
+        {
+            for h in 0..heads {
+                let source = from * row + h * head;
+                data.copy_within(source..source + self.len * head_dim, to * row + h * head);
+            }
+        }
+        Ok(())
     }
 }
 

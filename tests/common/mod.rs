@@ -423,7 +423,7 @@ pub fn assert_kv_cache_decoding_matches_full_forward(
 
     // Prefill once, expand to G rows per prompt, decode one more token per row.
     let group = 3;
-    let mut cache = model.new_cache(rows, width + 1).unwrap();
+    let mut cache = model.new_cache(rows, width + 2).unwrap();
     model
         .forward(ids, positions, mask, Some(&mut cache))
         .unwrap();
@@ -464,6 +464,46 @@ pub fn assert_kv_cache_decoding_matches_full_forward(
     assert!(
         diff < tolerance,
         "decoding after repeat_rows differs by {diff}"
+    );
+
+    // Rows leave the batch (finished sequences): the kept rows decode on as before.
+    let keep: Vec<usize> = (0..rows * group).filter(|row| row % 3 != 1).collect();
+    cache.keep_rows(&keep).unwrap();
+    assert_eq!((cache.batch(), cache.len()), (keep.len(), width + 1));
+    assert!(cache.keep_rows(&[1, 0]).is_err());
+    let kept = Tensor::new(
+        keep.iter()
+            .map(|&row| (row / group) as u32)
+            .collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let key_mask = Tensor::cat(&[&key_mask, &ones], 1).unwrap();
+    let last = ids.narrow(1, width - 1, 1).unwrap().contiguous().unwrap();
+    let step = model
+        .forward(
+            &last.index_select(&kept, 0).unwrap(),
+            &(positions.narrow(1, width - 1, 1).unwrap() + 2.0)
+                .unwrap()
+                .index_select(&kept, 0)
+                .unwrap(),
+            &key_mask.index_select(&kept, 0).unwrap(),
+            Some(&mut cache),
+        )
+        .unwrap();
+    let extended_ids = Tensor::cat(&[&extended_ids, &last], 1).unwrap();
+    let whole = model.forward_masked(&extended_ids, &key_mask).unwrap();
+    let expected = whole
+        .narrow(1, width + 1, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .index_select(&kept, 0)
+        .unwrap();
+    let diff = max_abs_diff(&step, &expected);
+    assert!(
+        diff < tolerance,
+        "decoding after keep_rows differs by {diff}"
     );
 }
 
