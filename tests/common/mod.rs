@@ -452,14 +452,13 @@ pub fn assert_kv_cache_decoding_matches_full_forward(
         )
         .unwrap();
     let extended_ids = Tensor::cat(&[ids, &ids.narrow(1, width - 1, 1).unwrap()], 1).unwrap();
-    let whole = model.forward_masked(&extended_ids, &key_mask).unwrap();
-    let expected = whole
-        .narrow(1, width, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .index_select(&expand, 0)
-        .unwrap();
+    // The full forward's hidden state at `position` for each of `rows` (prompt indices).
+    let full_forward_at = |ids: &Tensor, key_mask: &Tensor, position: usize, rows: &Tensor| {
+        let whole = model.forward_masked(ids, key_mask).unwrap();
+        let at = whole.narrow(1, position, 1).unwrap().contiguous().unwrap();
+        at.index_select(rows, 0).unwrap()
+    };
+    let expected = full_forward_at(&extended_ids, &key_mask, width, &expand);
     let diff = max_abs_diff(&step, &expected);
     assert!(
         diff < tolerance,
@@ -492,14 +491,7 @@ pub fn assert_kv_cache_decoding_matches_full_forward(
         )
         .unwrap();
     let extended_ids = Tensor::cat(&[&extended_ids, &last], 1).unwrap();
-    let whole = model.forward_masked(&extended_ids, &key_mask).unwrap();
-    let expected = whole
-        .narrow(1, width + 1, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .index_select(&kept, 0)
-        .unwrap();
+    let expected = full_forward_at(&extended_ids, &key_mask, width + 1, &kept);
     let diff = max_abs_diff(&step, &expected);
     assert!(
         diff < tolerance,
