@@ -347,6 +347,39 @@ fn fused_attention_matches_composite_for_grouped_heads_and_cached_keys() {
 }
 
 #[test]
+fn fused_attention_refuses_inputs_that_do_not_agree_and_names_them() {
+    use candle_core::CustomOp3;
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let (q, k, bias) = (
+        zeros(&[1, 2, 6, 4]),
+        zeros(&[1, 2, 5, 4]),
+        zeros(&[1, 1, 3, 5]),
+    );
+    let error = |q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor| {
+        let op = Attention::new(bias, 1.0).unwrap();
+        q.apply_op3(k, v, op).unwrap_err().to_string()
+    };
+    // Keys of another head dimension, or a bias of another key count.
+    let other_k = zeros(&[1, 2, 5, 8]);
+    assert!(error(&q, &other_k, &other_k, &bias).contains("do not agree"));
+    assert!(error(&q, &k, &k, &zeros(&[1, 1, 3, 7])).contains("do not agree"));
+    // 6 query rows are not whole blocks of 4 queries.
+    assert!(error(&q, &k, &k, &zeros(&[1, 1, 4, 5])).contains("do not agree"));
+    assert!(error(&q, &k, &k, &zeros(&[1, 3, 5])).contains("is not [b, 1, t, s]"));
+    // Keys whose last dimension is strided (a transposed view).
+    let strided = zeros(&[1, 2, 4, 5]).transpose(2, 3).unwrap();
+    assert!(error(&q, &strided, &k, &bias).contains("last dimension of k must be contiguous"));
+    // A backward needs the probabilities its forward kept.
+    let unused = Attention::new(&bias, 1.0).unwrap();
+    let out = zeros(&[1, 2, 6, 4]);
+    let backward = unused.bwd(&q, &k, &k, &out, &out).unwrap_err().to_string();
+    assert!(
+        backward.contains("without the forward's probabilities"),
+        "{backward}"
+    );
+}
+
+#[test]
 fn fused_split_and_merge_heads_match_composite() {
     for (b, t, heads, d) in [(2, 3, 4, 5), (3, 40, 8, 64)] {
         let x = random(&[b, t, heads * d], 1.0);

@@ -226,11 +226,12 @@ impl CustomOp3 for Attention {
         let grad_out = grad_out.contiguous()?;
         let tensors = [q, k, v, &grad_out];
         let guards = tensors.map(|t| t.storage_and_layout());
+        let names = ["q", "k", "v", "the output gradient"];
         let [q_blocks, k_blocks, v_blocks, grad_blocks] = [0, 1, 2, 3].map(|i| {
             let (storage, layout) = &guards[i];
             match &**storage {
-                Storage::Cpu(storage) => Blocks::of(storage, layout, "an input"),
-                _ => bail!("fused-attention: the backward's inputs must be on the CPU"),
+                Storage::Cpu(storage) => Blocks::of(storage, layout, names[i]),
+                _ => bail!("fused-attention: {} must be on the CPU", names[i]),
             }
         });
         let [grad_q, grad_k, grad_v] = attention_gradients(

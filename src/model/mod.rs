@@ -4,7 +4,8 @@
 //! optional LoRA adapters ([`linear`]) and LoRA in PEFT's format ([`lora`]), its differentiable
 //! building blocks ([`ops`], with fused kernels in [`fused`] and [`attention`], whose CUDA
 //! launches [`kernels`] describes and whose vectorised exponentials and sums are [`simd`], and
-//! the frozen-operand ops of [`frozen`]) and chunked per-token log-probs and entropies ([`logprobs`]).
+//! the frozen-operand ops of [`frozen`]) and chunked per-token log-probs and entropies
+//! ([`logprobs`]).
 
 pub mod attention;
 pub mod frozen;

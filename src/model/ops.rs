@@ -4,12 +4,11 @@
 //!
 //! Every function here records a backward graph when its inputs come from `Var`s (candle's fast
 //! `rms_norm`, `rope` and `softmax_last_dim` kernels do not, so they are not used). Every op
-//! runs as a fused custom op with a backward ([`super::fused`], attention in [`super::attention`])
-//! for f32 CPU tensors; RMSNorm,
-//! rotary embeddings and the softmaxes also for f32 and bf16 CUDA tensors (CUDA kernels,
-//! [`super::kernels`]). Elsewhere (CUDA linear layers, SwiGLU and head permutes; other dtypes)
-//! they run as their composite forms (`*_composite`, the reference the fused ops are tested
-//! against).
+//! runs as a fused custom op with a backward ([`super::fused`], attention in
+//! [`super::attention`]) for f32 CPU tensors; RMSNorm, rotary embeddings and the softmaxes also
+//! for f32 and bf16 CUDA tensors (CUDA kernels, [`super::kernels`]). Elsewhere (CUDA linear
+//! layers, attention's products, SwiGLU and head permutes; other dtypes) they run as their
+//! composite forms (`*_composite`, the reference the fused ops are tested against).
 
 use candle_core::{DType, Device, Result, Tensor, D};
 

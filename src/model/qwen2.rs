@@ -283,11 +283,14 @@ impl KvCache {
     /// A new cache whose row `r * times + g` (for `g < times`) is a copy of row `r`: prefill B
     /// prompts once, then decode G samples of each.
     pub fn repeat_rows(&self, times: usize) -> Result<Self> {
-        let device = self
-            .layers
+        self.select_rows(&group_index(self.batch(), times, &self.device())?)
+    }
+
+    /// The device of the buffers.
+    fn device(&self) -> Device {
+        self.layers
             .first()
-            .map_or(Device::Cpu, |(k, _)| k.device().clone());
-        self.select_rows(&group_index(self.batch(), times, &device)?)
+            .map_or(Device::Cpu, |(k, _)| k.device().clone())
     }
 
     /// A new cache made of the rows `rows` (`u32` indices, repeats allowed) of this one.
@@ -321,11 +324,10 @@ impl KvCache {
                 .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
         });
         if !in_place {
-            let device = self
-                .layers
-                .first()
-                .map_or(Device::Cpu, |(k, _)| k.device().clone());
-            let rows = Tensor::new(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
+            let rows = Tensor::new(
+                keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                &self.device(),
+            )?;
             *self = self.select_rows(&rows)?;
             return Ok(());
         }
